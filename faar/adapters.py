@@ -51,6 +51,10 @@ class AdapterLinear(nn.Module):
             self.magnitude = nn.Parameter(w.detach().norm(dim=1))
         # Set by PDRS for one forward/backward; None means every rank acts.
         self.gate: torch.Tensor | None = None
+        # Opaque labels set by whoever injects the adapter: which stream it serves
+        # ("shared" or a task name) and where it sits (for rank reports).
+        self.group = "shared"
+        self.site = ""
 
     @property
     def rank(self) -> int:

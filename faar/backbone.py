@@ -68,7 +68,11 @@ def create_swin(name: str, img_size: tuple[int, int], pretrained: bool = False,
                 raise BackboneError(f"'{name}' has no published weights; give model.backbone_weights=PATH")
             model = SwinTransformer(**EXTRA_BACKBONES[name], **kwargs)
             if weights is not None:
-                timm.models.load_checkpoint(model, weights, strict=True)
+                state = timm.models.load_state_dict(weights)
+                # classifier-side weights are optional: FAAR never uses them
+                state = {k: v for k, v in state.items() if not k.startswith(("head.", "norm."))}
+                _strip_classifier(model)
+                model.load_state_dict(state, strict=True)
         elif name in timm.list_models("swin*"):
             overlay = {"file": str(weights)} if weights is not None else None
             model = timm.create_model(name, pretrained=pretrained or weights is not None,
@@ -80,10 +84,14 @@ def create_swin(name: str, img_size: tuple[int, int], pretrained: bool = False,
         raise BackboneError(f"backbone weights {weights or '(hub)'} do not fit {name}: {exc}") from exc
     if not isinstance(model, SwinTransformer):
         raise BackboneError(f"'{name}' is not a timm SwinTransformer")
-    # The classifier side is never used: drop it so parameter counts are honest.
+    _strip_classifier(model)
+    return model
+
+
+def _strip_classifier(model: SwinTransformer) -> None:
+    """The classifier side is never used: drop it so parameter counts are honest."""
     model.norm = nn.Identity()
     model.head = nn.Identity()
-    return model
 
 
 class TaskForkBlock(nn.Module):
@@ -99,7 +107,7 @@ class TaskForkBlock(nn.Module):
         base = {"proj": attn.proj, "fc1": mlp.fc1, "fc2": mlp.fc2}
         self.task_layers = nn.ModuleDict()
         for task in tasks:
-            layers = {k: make_task_adapter(lin) if k in task_targets else lin for k, lin in base.items()}
+            layers = {k: make_task_adapter(lin, k, task) if k in task_targets else lin for k, lin in base.items()}
             self.task_layers[task] = nn.ModuleDict(layers)
         if make_shared_adapter is not None:
             attn.qkv = make_shared_adapter(attn.qkv, "qkv")
@@ -151,21 +159,29 @@ class MultiTaskSwin(nn.Module):
         use_adapters = adapter.kind != "none"
         forks = use_adapters and bool(adapter.task_targets)
 
+        site = ""
+
         def shared_adapter(lin: nn.Linear, key: str) -> nn.Module:
             if not use_adapters or key not in adapter.targets:
                 return lin
-            return AdapterLinear(lin, adapter.rank_shared, adapter.kind, adapter.scale_shared, adapter.forward)
+            a = AdapterLinear(lin, adapter.rank_shared, adapter.kind, adapter.scale_shared, adapter.forward)
+            a.site = f"{site}.{key}"
+            return a
 
-        def task_adapter(lin: nn.Linear) -> nn.Module:
-            return AdapterLinear(lin, adapter.rank_task, adapter.kind, adapter.scale_task, adapter.forward)
+        def task_adapter(lin: nn.Linear, key: str, task: str) -> nn.Module:
+            a = AdapterLinear(lin, adapter.rank_task, adapter.kind, adapter.scale_task, adapter.forward)
+            a.group, a.site = task, f"{site}.{key}"
+            return a
 
         stages = list(swin.layers)
         self.forks = nn.ModuleList()
         for s, stage in enumerate(stages):
             blocks = list(stage.blocks)
-            for blk in blocks[:-1]:
+            for b, blk in enumerate(blocks[:-1]):
+                site = f"s{s}.b{b}"
                 _inject(blk, shared_adapter)
             last = blocks[-1]
+            site = f"s{s}.b{len(blocks) - 1}"
             final = s == len(stages) - 1
             if forks:
                 final_shared = (not final) or adapter.final_shared

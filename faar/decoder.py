@@ -47,15 +47,15 @@ class MultiTaskDecoder(nn.Module):
             raise ValueError(f"decoder.branch_channels needs {len(in_channels)} values, "
                              f"got {cfg.branch_channels}")
         self.tasks = list(tasks)
-        self.project = nn.ModuleDict({
-            t: nn.ModuleList(nn.Conv2d(ci, co, 1, bias=False) for ci, co in zip(in_channels, cfg.branch_channels))
-            for t in tasks
-        })
+        pairs = list(zip(in_channels, cfg.branch_channels, strict=True))
+        self.project = nn.ModuleDict(
+            {t: nn.ModuleList(nn.Conv2d(ci, co, 1, bias=False) for ci, co in pairs) for t in tasks}
+        )
         self.spectral = None
         if cfg.spectral:
             self.spectral = nn.ModuleList(
                 TaskSpectralBlock(len(tasks), co, size, cfg.fft, cfg.xt_cons, cfg.low_freq_radius)
-                for co, size in zip(cfg.branch_channels, feat_sizes)
+                for co, size in zip(cfg.branch_channels, feat_sizes, strict=True)
             )
         self.heads = nn.ModuleDict({t: FusionHead(sum(cfg.branch_channels), n, cfg.hidden_ratio)
                                     for t, n in tasks.items()})

@@ -111,13 +111,19 @@ def radial_low_mask(size: tuple[int, int], radius: float) -> torch.Tensor:
 def resample_filter(filt: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resample a (2, H, W//2+1) rfft2-domain filter to another spatial size.
 
-    The H axis is in FFT order; it is centred (fftshift) before bilinear resampling
-    so that low frequencies map to low frequencies, then un-centred.
+    Each new bin reads the old filter at the same normalised frequency (bilinear,
+    clamped at the old band edge), so DC maps to DC and low to low.
     """
+    h_old, wf_old = filt.shape[-2:]
     h, w = size
-    centred = torch.fft.fftshift(filt, dim=1)
-    out = F.interpolate(centred[None], size=(h, w // 2 + 1), mode="bilinear", align_corners=True)[0]
-    return torch.fft.ifftshift(out, dim=1)
+    # signed H frequency -> position in the fftshift-ed old grid; W frequency -> old bin
+    pos_y = (torch.fft.fftfreq(h, dtype=torch.float64) * h_old + h_old // 2).clamp(0, h_old - 1)
+    pos_x = (torch.fft.rfftfreq(w, dtype=torch.float64) * (2 * (wf_old - 1))).clamp(0, wf_old - 1)
+    gy = 2 * pos_y / max(h_old - 1, 1) - 1
+    gx = 2 * pos_x / max(wf_old - 1, 1) - 1
+    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), -1)[None].to(filt.dtype)
+    centred = torch.fft.fftshift(filt, dim=-2)[None]
+    return F.grid_sample(centred, grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
 
 
 class TaskSpectralBlock(nn.Module):

@@ -1,0 +1,143 @@
+"""Performance-Driven Rank Shrinking: sample prefixes, score ranks, remove the weak ones.
+
+Per training step: every adapter gets a prefix gate ``[1]*b + [0]*(r-b)`` with
+``b ~ Uniform{1..r}`` (nested-dropout style; the paper leaves the distribution open,
+uniform is the simplest). The gate has ``requires_grad``; after the backward pass its
+gradient *is* the importance ``s_i = 0.5 * (|<A_i, dL/dA_i>| + |<B_:,i, dL/dB_:,i>|)``
+of every active rank (both halves equal ``dL/dgate_i``, see adapters.py), so no extra
+backward is needed. Scores are an EMA over steps (``beta``), active ranks only.
+
+At the end of a shrink epoch each adapter keeps the smallest set of ranks whose score
+covers ``rho`` of its total (``rho_shared`` or ``rho_task``), never fewer than
+``min_rank``. Kept components move to the front in score order, the tensors are
+sliced (memory and FLOPs really drop), and the optimizer moments are sliced with them
+(FAAR's release keeps pruned ranks in memory and drops the moments; we do neither).
+
+Under DistributedDataParallel every process samples the same prefixes (same seed) and
+scores are averaged across processes before a shrink, so all replicas stay identical.
+Works on any module tree holding ``AdapterLinear``s.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .adapters import AdapterLinear, adapters_of
+from .config import PDRSConfig
+
+
+class PDRS:
+    def __init__(self, model: nn.Module, cfg: PDRSConfig, seed: int = 0) -> None:
+        self.cfg = cfg
+        self.adapters: dict[str, AdapterLinear] = adapters_of(model)
+        self.scores: dict[str, torch.Tensor] = {
+            n: torch.zeros(a.rank, device=a.lora_A.device) for n, a in self.adapters.items()
+        }
+        self._active: dict[str, int] = {}
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Make prefix sampling reproducible per epoch (resume lands on the same draws)."""
+        self.generator.manual_seed(seed)
+
+    def sample(self) -> None:
+        """Draw a prefix size per adapter and install its gate for the next forward."""
+        for name, a in self.adapters.items():
+            r = a.rank
+            b = int(torch.randint(1, r + 1, (1,), generator=self.generator))
+            gate = torch.zeros(r, device=a.lora_A.device)
+            gate[:b] = 1.0
+            a.gate = gate.requires_grad_(True)
+            self._active[name] = b
+
+    @torch.no_grad()
+    def accumulate(self, grad_scale: float = 1.0) -> None:
+        """Fold this step's gate gradients into the EMA scores, then remove the gates.
+
+        ``grad_scale``: the AMP loss scale the gradients carry (1 without AMP).
+        Adapters whose output did not reach the loss keep their scores.
+        """
+        beta = self.cfg.beta
+        for name, a in self.adapters.items():
+            gate, a.gate = a.gate, None
+            if gate is None or gate.grad is None:
+                continue
+            b = self._active[name]
+            s = gate.grad[:b].abs() / grad_scale
+            if torch.isfinite(s).all():
+                self.scores[name][:b].mul_(beta).add_(s, alpha=1 - beta)
+        self._active.clear()
+
+    def clear(self) -> None:
+        for a in self.adapters.values():
+            a.gate = None
+        self._active.clear()
+
+    def keep_count(self, score: torch.Tensor, rho: float) -> int:
+        """Smallest K whose top-K scores cover ``rho`` of the total (at least ``min_rank``)."""
+        total = score.sum()
+        if not torch.isfinite(total) or total <= 0:
+            return score.numel()  # nothing learned yet: keep everything
+        cum = score.sort(descending=True).values.cumsum(0) / total
+        k = int((cum < rho).sum()) + 1
+        return max(min(k, score.numel()), min(self.cfg.min_rank, score.numel()))
+
+    @torch.no_grad()
+    def shrink(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, tuple[int, int]]:
+        """Remove low-importance ranks for good; returns ``{name: (old_rank, new_rank)}``."""
+        self.clear()
+        self._sync_scores()
+        changes = {}
+        for name, a in self.adapters.items():
+            score = self.scores[name]
+            rho = self.cfg.rho_shared if a.group == "shared" else self.cfg.rho_task
+            k = self.keep_count(score, rho)
+            if k == a.rank:
+                continue
+            order = score.argsort(descending=True)[:k]
+            old = a.rank
+            _slice_optimizer_state(optimizer, a.lora_A, order, dim=0)
+            _slice_optimizer_state(optimizer, a.lora_B, order, dim=1)
+            a.keep(order)
+            self.scores[name] = score[order].clone()
+            changes[name] = (old, k)
+        return changes
+
+    def _sync_scores(self) -> None:
+        if not (dist.is_available() and dist.is_initialized()) or not self.scores:
+            return
+        flat = torch.cat(list(self.scores.values()))
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for name, s in self.scores.items():
+            s.copy_(flat[offset:offset + s.numel()])
+            offset += s.numel()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"pdrs.{n}": s.detach().cpu() for n, s in self.scores.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, a in self.adapters.items():
+            s = tensors.get(f"pdrs.{name}")
+            if s is None or s.numel() != a.rank:
+                raise ValueError(f"PDRS state does not match adapter {name} (rank {a.rank})")
+            self.scores[name] = s.to(a.lora_A.device).clone()
+
+
+def _slice_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.Tensor,
+                           index: torch.Tensor, dim: int) -> None:
+    """Slice every per-element state tensor of ``param`` (Adam moments...) along ``dim``."""
+    if optimizer is None or param not in optimizer.state:
+        return
+    state = optimizer.state[param]
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            state[key] = value.index_select(dim, index.to(value.device)).contiguous()
+
+
+def mean_rank(model: nn.Module) -> float:
+    adapters = adapters_of(model)
+    return sum(a.rank for a in adapters.values()) / max(len(adapters), 1)
