@@ -168,6 +168,14 @@ class TaskSpectralBlock(nn.Module):
         self.dft = DFT2(self.dft.size, backend).to(self.filters.device)
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        device_type = feats[0].device.type
+        if torch.is_autocast_enabled(device_type):
+            # spectra stay in float32 under AMP (half-precision FFTs lose the filter's detail)
+            with torch.autocast(device_type, enabled=False):
+                return [y.to(feats[0].dtype) for y in self._forward([f.float() for f in feats])]
+        return self._forward(feats)
+
+    def _forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         dtype = feats[0].dtype
         spectra = [self.dft(f) for f in feats]
         if self.xt_cons:
