@@ -112,7 +112,7 @@ class PDRS:
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
         offset = 0
-        for name, s in self.scores.items():
+        for s in self.scores.values():
             s.copy_(flat[offset:offset + s.numel()])
             offset += s.numel()
 
