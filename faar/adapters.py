@@ -121,23 +121,26 @@ class AdapterLinear(nn.Module):
     def keep(self, indices: torch.Tensor) -> None:
         """Keep only rank components ``indices`` (in that order); the tensors shrink.
 
-        Parameters keep their identity (``.data`` is replaced), so an optimizer that
-        holds them stays valid once its state is sliced the same way (pdrs.py).
+        The low-rank factors become new ``nn.Parameter`` objects (autograd caches a
+        leaf's shape, so resizing ``.data`` in place is not safe); whoever holds an
+        optimizer moves its state over (pdrs.py).
         """
         indices = torch.as_tensor(indices, dtype=torch.long, device=self.lora_A.device)
         if indices.numel() < 1:
             raise ValueError("an adapter must keep at least one rank component")
-        self.lora_A.data = self.lora_A.data[indices].contiguous()
-        self.lora_B.data = self.lora_B.data[:, indices].contiguous()
-        self.lora_A.grad = None
-        self.lora_B.grad = None
-        self.gate = None
+        self._replace_factors(self.lora_A[indices], self.lora_B[:, indices])
 
     @torch.no_grad()
     def set_rank(self, rank: int) -> None:
         """Resize to ``rank`` components (used to rebuild a shrunk model before loading)."""
-        self.lora_A.data = self.lora_A.data.new_zeros(rank, self.in_features)
-        self.lora_B.data = self.lora_B.data.new_zeros(self.out_features, rank)
+        self._replace_factors(self.lora_A.new_zeros(rank, self.in_features),
+                              self.lora_B.new_zeros(self.out_features, rank))
+
+    def _replace_factors(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        grad = self.lora_A.requires_grad
+        self.lora_A = nn.Parameter(a.contiguous(), requires_grad=grad)
+        self.lora_B = nn.Parameter(b.contiguous(), requires_grad=grad)
+        self.gate = None
 
 
 def adapters_of(module: nn.Module) -> dict[str, AdapterLinear]:

@@ -97,10 +97,10 @@ class PDRS:
             if k == a.rank:
                 continue
             order = score.argsort(descending=True)[:k]
-            old = a.rank
-            _slice_optimizer_state(optimizer, a.lora_A, order, dim=0)
-            _slice_optimizer_state(optimizer, a.lora_B, order, dim=1)
+            old, old_A, old_B = a.rank, a.lora_A, a.lora_B
             a.keep(order)
+            _move_optimizer_state(optimizer, old_A, a.lora_A, order, dim=0)
+            _move_optimizer_state(optimizer, old_B, a.lora_B, order, dim=1)
             self.scores[name] = score[order].clone()
             changes[name] = (old, k)
         return changes
@@ -127,15 +127,20 @@ class PDRS:
             self.scores[name] = s.to(a.lora_A.device).clone()
 
 
-def _slice_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.Tensor,
-                           index: torch.Tensor, dim: int) -> None:
-    """Slice every per-element state tensor of ``param`` (Adam moments...) along ``dim``."""
-    if optimizer is None or param not in optimizer.state:
+def _move_optimizer_state(optimizer: torch.optim.Optimizer | None, old: torch.Tensor, new: torch.Tensor,
+                          index: torch.Tensor, dim: int) -> None:
+    """Point the optimizer at ``new`` and give it ``old``'s moments sliced along ``dim``."""
+    if optimizer is None:
         return
-    state = optimizer.state[param]
-    for key, value in state.items():
-        if torch.is_tensor(value) and value.shape == param.shape:
-            state[key] = value.index_select(dim, index.to(value.device)).contiguous()
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if state is None:
+        return
+    optimizer.state[new] = {
+        k: v.index_select(dim, index.to(v.device)).contiguous() if torch.is_tensor(v) and v.shape == old.shape else v
+        for k, v in state.items()
+    }
 
 
 def mean_rank(model: nn.Module) -> float:

@@ -257,7 +257,13 @@ def train(cfg: Config, out_dir: str | os.PathLike, resume: bool = False, quiet: 
     if len(train_ds) < cfg.train.batch_size * d.world:
         raise TrainError(f"training set has {len(train_ds)} images, fewer than one batch "
                          f"({cfg.train.batch_size} x {d.world} processes)")
-    model = build_model(cfg.model, classes=train_ds.classes).to(d.device)
+    model = build_model(cfg.model, classes=train_ds.classes)
+    history: dict[str, Any] = {"epochs": [], "ranks": {"initial": _rank_record(model), "epochs": []}}
+    meta = json.loads((state_path / "state.json").read_text()) if state_path is not None else None
+    if meta is not None:
+        model.set_ranks(meta["ranks"])
+        load_state_dict_shared(model, load_file(str(state_path / "weights.safetensors")), str(state_path))
+    model.to(d.device)
     tasks = model.tasks
     weights = loss_weights(cfg, tasks)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -267,15 +273,9 @@ def train(cfg: Config, out_dir: str | os.PathLike, resume: bool = False, quiet: 
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     pdrs = PDRS(model, cfg.pdrs, seed=cfg.train.seed) if cfg.pdrs.enabled and adapters_of(model) else None
 
-    history: dict[str, Any] = {"epochs": [], "ranks": {"initial": _rank_record(model), "epochs": []}}
     start_epoch, step = 1, 0
-    if state_path is not None:
-        meta = json.loads((state_path / "state.json").read_text())
-        model.set_ranks(meta["ranks"])
-        load_state_dict_shared(model, load_file(str(state_path / "weights.safetensors")), str(state_path))
-        model.to(d.device)
+    if meta is not None:
         if pdrs is not None:
-            pdrs = PDRS(model, cfg.pdrs, seed=cfg.train.seed)
             pdrs.load_state_tensors(load_file(str(state_path / "pdrs.safetensors")))
         optimizer.load_state_dict(_unflatten_optimizer(load_file(str(state_path / "optimizer.safetensors")),
                                                        meta["optimizer"]))
@@ -300,7 +300,7 @@ def train(cfg: Config, out_dir: str | os.PathLike, resume: bool = False, quiet: 
             f"parameters; {len(train_ds)} train / {len(val_ds)} val images; device {d.device} x {d.world}")
     if "trivial" not in history:
         fit_on = Subset(train_ds, range(min(len(train_ds), TRIVIAL_FIT_IMAGES)))
-        predictor = trivial_baseline(_targets(b, tasks) for b in DataLoader(fit_on, batch_size=16))
+        predictor = trivial_baseline(tasks, (_targets(b, tasks) for b in DataLoader(fit_on, batch_size=16)))
         history["trivial"] = evaluate(model, val_loader, tasks, d.device, predictor=predictor)
 
     wrapped = _wrap(model, d, cfg)

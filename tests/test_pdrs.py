@@ -61,12 +61,15 @@ def test_shrink_moves_best_to_front_and_slices_optimizer_state() -> None:
     A_before = model.a.lora_A.detach().clone()
     m_before = opt.state[model.a.lora_A]["exp_avg"].clone()
     v_before = opt.state[model.a.lora_B]["exp_avg_sq"].clone()
+    n_state = len(opt.state)
     changes = p.shrink(opt)
     assert changes == {"a": (6, 2)}
     assert torch.equal(model.a.lora_A, A_before[[4, 1]])
     assert torch.equal(opt.state[model.a.lora_A]["exp_avg"], m_before[[4, 1]])
     assert torch.equal(opt.state[model.a.lora_B]["exp_avg_sq"], v_before[:, [4, 1]])
     assert torch.equal(p.scores["a"], torch.tensor([5.0, 4.0]))
+    assert len(opt.state) == n_state
+    assert any(q is model.a.lora_A for q in opt.param_groups[0]["params"])
     # the optimizer keeps working with the new shapes
     model(torch.randn(4, 8)).sum().backward()
     opt.step()

@@ -1,0 +1,124 @@
+"""faar-train end to end on generated scenes: files, shrinking, resume after SIGKILL, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from faar.cli import train_main
+from faar.config import load_config
+from faar.run import load_model
+from faar.train import TrainError, latest_state, train
+
+# Two steps an epoch, three epochs: enough for shrinking to show, quick on 2 cores.
+SMALL = ["data.num_train=16", "data.num_val=8", "train.epochs=3"]
+
+
+def _cmd(out: Path, *extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "faar", "--config", "tiny", "--out", str(out), "--quiet"]
+    for item in [*SMALL, *extra]:
+        cmd += ["--set", item]
+    return cmd
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+
+
+def _saved_epoch(out: Path) -> int:
+    state = latest_state(out) if out.exists() else None
+    return json.loads((state / "state.json").read_text())["epoch"] if state else 0
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "full"
+    proc = _run(_cmd(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+def test_run_directory_contents(full_run: Path) -> None:
+    for name in ("config.yaml", "model.safetensors", "model.json", "metrics.json", "ranks.json", "ranks.png"):
+        assert (full_run / name).is_file(), name
+    metrics = json.loads((full_run / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
+    assert set(metrics["trivial"]) == set(metrics["epochs"][-1]["val"])
+    ranks = json.loads((full_run / "ranks.json").read_text())
+    initial = [r["rank"] for r in ranks["initial"].values()]
+    final = ranks["epochs"][-1]["ranks"]
+    assert set(initial) == {8}
+    assert sum(final.values()) < sum(initial), "PDRS removed no rank"
+    assert min(final.values()) >= 1
+    # the saved weights really are shrunk, and the run rebuilds without its config
+    tensors = load_file(str(full_run / "model.safetensors"))
+    name = next(iter(final))
+    assert tensors[f"{name}.lora_A"].shape[0] == final[name]
+    model = load_model(full_run)
+    assert model.ranks() == final
+    assert (latest_state(full_run) / "state.json").is_file()
+
+
+def test_refuses_to_overwrite_a_run(full_run: Path) -> None:
+    with pytest.raises(TrainError, match="--resume"):
+        train(load_config("tiny", SMALL), full_run)
+
+
+def test_sigkill_then_resume_matches_uninterrupted(full_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.monotonic() + 300
+    while _saved_epoch(out) < 1:
+        assert proc.poll() is None, "training exited before its first epoch was saved"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _saved_epoch(out) < 3, "the run finished before it could be killed"
+    proc = _run(_cmd(out) + ["--resume"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resuming" in proc.stdout + proc.stderr
+    a = json.loads((full_run / "ranks.json").read_text())["epochs"][-1]["ranks"]
+    b = json.loads((out / "ranks.json").read_text())["epochs"][-1]["ranks"]
+    assert a == b
+    ma = json.loads((full_run / "metrics.json").read_text())["epochs"][-1]
+    mb = json.loads((out / "metrics.json").read_text())["epochs"][-1]
+    assert ma["train_loss"] == pytest.approx(mb["train_loss"], rel=1e-3)
+    assert ma["val"]["semseg"]["miou"] == pytest.approx(mb["val"]["semseg"]["miou"], abs=0.5)
+
+
+def test_summary_prints_json_last_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert train_main(["--config", "mtlora_pascal_r64", "--summary"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = json.loads(last)
+    assert summary["trainable_parameters"] == 8_344_634
+    assert set(summary["trainable_by_group"]) == {"adapters", "other_backbone", "decoder", "spectral"}
+
+
+def test_cli_errors_are_clear(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert train_main(["--config", "tiny", "--set", "model.nope=1", "--out", str(tmp_path / "x")]) == 2
+    assert "model.nope" in capsys.readouterr().err
+
+
+def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+           "-m", "faar", "--config", "tiny", "--out", str(out), "--quiet",
+           "--set", "data.num_train=32", "--set", "data.num_val=8", "--set", "train.epochs=2",
+           "--set", "train.batch_size=4"]
+    proc = _run(cmd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = json.loads((out / "ranks.json").read_text())
+    assert len(ranks["epochs"]) == 2
+    assert load_model(out).ranks() == ranks["epochs"][-1]["ranks"]
