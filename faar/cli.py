@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def train_main(argv: list[str] | None = None) -> int:
         history = train(cfg, args.out, resume=args.resume, quiet=args.quiet)
     except (ConfigError, TrainError, ValueError, FileNotFoundError) as exc:
         return _fail(str(exc))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     last = history["epochs"][-1] if history["epochs"] else {}
     print(json.dumps({"run": str(args.out), "epochs": len(history["epochs"]), "mean_rank": last.get("mean_rank"),
                       "val": last.get("val")}))

@@ -371,6 +371,8 @@ def train(cfg: Config, out_dir: str | os.PathLike, resume: bool = False, quiet: 
             log(_epoch_line(entry))
         if d.world > 1:
             dist.barrier()
+    if d.world > 1:
+        dist.destroy_process_group()
     return history
 
 

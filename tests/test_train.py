@@ -113,7 +113,7 @@ def test_cli_errors_are_clear(capsys: pytest.CaptureFixture[str], tmp_path: Path
 
 def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "faar", "--config", "tiny", "--out", str(out), "--quiet",
            "--set", "data.num_train=32", "--set", "data.num_val=8", "--set", "train.epochs=2",
            "--set", "train.batch_size=4"]
