@@ -121,6 +121,30 @@ def _rank_record(model: FAARModel) -> dict[str, dict[str, Any]]:
     return {n: {"rank": a.rank, "group": a.group, "site": a.site} for n, a in adapters_of(model).items()}
 
 
+def rank_report(ranks: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Mean rank per stage for shared and task adapters, and whether the paper's pattern shows
+    (task-specific and deep layers keep more rank than shallow shared ones)."""
+    by: dict[tuple[str, int], list[int]] = {}
+    for r in ranks.values():
+        kind = "shared" if r["group"] == "shared" else "task"
+        by.setdefault((kind, _site_key(r["site"])[0]), []).append(r["rank"])
+    table = {f"{kind}_stage{stage}": sum(v) / len(v) for (kind, stage), v in sorted(by.items())}
+    shared = [v for (kind, _), vs in by.items() if kind == "shared" for v in vs]
+    task = [v for (kind, _), vs in by.items() if kind == "task" for v in vs]
+    stages = sorted({stage for _, stage in by})
+    first = [v for (_, st), vs in by.items() if st == stages[0] for v in vs]
+    last = [v for (_, st), vs in by.items() if st == stages[-1] for v in vs]
+    return {
+        "mean_rank_by_stage": table,
+        "task_keeps_more_than_shared": _mean(task) > _mean(shared) if task and shared else None,
+        "deep_keeps_more_than_shallow": _mean(last) > _mean(first),
+    }
+
+
+def _mean(xs: list[int]) -> float:
+    return sum(xs) / len(xs)
+
+
 def plot_ranks(ranks: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     """Heatmap of adapter ranks: rows are layers (stage.block.linear), columns shared/tasks."""
     import matplotlib
@@ -364,6 +388,7 @@ def train(cfg: Config, out_dir: str | os.PathLike, resume: bool = False, quiet: 
             save_model(model, run_dir, extra={"epoch": epoch})
             save_state(run_dir, epoch, step, model, optimizer, pdrs, scaler, history)
             write_json(run_dir / "metrics.json", {"trivial": history["trivial"], "epochs": history["epochs"]})
+            history["ranks"]["report"] = rank_report(_rank_record(model))
             write_json(run_dir / "ranks.json", history["ranks"])
             if adapters_of(model):
                 plot_ranks(_rank_record(model), run_dir / "ranks.png",
@@ -371,6 +396,10 @@ def train(cfg: Config, out_dir: str | os.PathLike, resume: bool = False, quiet: 
             log(_epoch_line(entry))
         if d.world > 1:
             dist.barrier()
+    if d.main and "report" in history["ranks"]:
+        report = history["ranks"]["report"]
+        log("rank pattern: task-specific keep more than shared: {}; deepest stage keeps more than the first: {}"
+            .format(report["task_keeps_more_than_shared"], report["deep_keeps_more_than_shallow"]))
     if d.world > 1:
         dist.destroy_process_group()
     return history

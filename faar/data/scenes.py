@@ -317,12 +317,12 @@ def sample_scene(seed: int) -> Scene:
     # Visible ground distances: from the bottom image row to the top row (or a far cap).
     near = camera.height / np.tan(camera.pitch + camera.fov_y / 2)
     top_angle = camera.pitch - camera.fov_y / 2
-    far = min(10.0, camera.height / np.tan(top_angle)) if top_angle > 0.05 else 10.0
+    far = min(8.0, camera.height / np.tan(top_angle)) if top_angle > 0.05 else 8.0
     placed: list[tuple[float, float, float]] = []
     primitives: list[Primitive] = []
     for _ in range(int(rng.integers(2, 7))):
         cls = str(rng.choice(SCENE_CLASSES[2:]))
-        size = float(rng.uniform(0.25, 0.6))
+        size = float(rng.uniform(0.45, 1.0))
         footprint = 1.1 * size
         for _attempt in range(30):
             dist = rng.uniform(max(2.5, near + 1.0), max(far, near + 3.0))
