@@ -1,0 +1,95 @@
+"""Command shells: ``faar-serve`` (the gateway) and ``faar-triton`` (a local Triton server).
+
+``faar-serve`` has one flag per setting (``--max-queue`` for ``max_queue``...), generated
+from ``Settings`` so flags, ``FAAR_*`` variables and defaults can never drift apart. A
+flag wins over its environment variable, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+import typing
+from collections.abc import Sequence
+from types import FrameType
+
+from pydantic import ValidationError
+
+from .settings import Settings
+
+
+def _settings_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="faar-serve", description="HTTP gateway for a model repository written by faar-export. "
+        "Every flag can also be set as FAAR_<NAME> in the environment (e.g. FAAR_MAX_QUEUE=32).")
+    for name, field in Settings.model_fields.items():
+        options: dict[str, typing.Any] = {"default": argparse.SUPPRESS, "help": field.description or ""}
+        if typing.get_origin(field.annotation) is typing.Literal:
+            options["choices"] = typing.get_args(field.annotation)
+        if typing.get_origin(field.annotation) is list:
+            options["nargs"] = "+"
+        parser.add_argument("--" + name.replace("_", "-"), **options)
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None = None) -> Settings:
+    args = vars(_settings_parser().parse_args(argv))
+    try:
+        return Settings(**args)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+                             for e in exc.errors())
+        raise SystemExit(f"faar-serve: invalid settings: {problems}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import uvicorn
+
+    from .app import create_app
+    from .manifest import ManifestError
+
+    settings = load_settings(argv)
+    print("faar-serve settings:", json.dumps(settings.describe(), indent=2, default=str), flush=True)
+    try:
+        app = create_app(settings)
+    except (ManifestError, ValueError) as exc:
+        raise SystemExit(f"faar-serve: {exc}") from None
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+def triton_main(argv: Sequence[str] | None = None) -> None:
+    from .triton_local import LocalTriton, TritonStartError
+
+    parser = argparse.ArgumentParser(
+        prog="faar-triton", description="Run a real Triton Inference Server (from the nvidia-pytriton wheel) "
+        "on a model repository written by faar-export, until Ctrl-C or SIGTERM.")
+    parser.add_argument("--model-repository", required=True)
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the models to load")
+    parser.add_argument("--workdir", help="backend directory and log (default: a temporary folder)")
+    parser.add_argument("--log-verbose", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server = LocalTriton(args.model_repository, args.http_port, args.grpc_port, args.workdir, args.host,
+                             args.log_verbose)
+        with server:
+            print(f"triton ready: grpc {server.grpc_url}, http {server.http_url}, log {server.log_path}",
+                  flush=True)
+            while server.running():
+                time.sleep(0.5)
+            code = server.process.returncode if server.process else 1
+            sys.exit(f"tritonserver exited with code {code}:\n{server.log_tail()}")
+    except TritonStartError as exc:
+        sys.exit(f"faar-triton: {exc}")
+    except KeyboardInterrupt:
+        print("faar-triton: stopped", flush=True)

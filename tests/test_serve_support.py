@@ -1,0 +1,157 @@
+"""Shared pieces of the serving tests (this module holds no tests).
+
+* ``exported_repository()``: a real model repository, written once per test session by the
+  real exporter (``faar.export.export_run``) from a freshly initialised ``tiny`` model. Its
+  outputs depend on the image, so a batching mix-up changes the maps.
+* ``offline_maps()``: the reference, computed without the gateway: Pillow resize to the
+  model size, ONNX Runtime on the file, maps resized back as the gateway documents.
+* ``LiveServer``: uvicorn on a free port in a thread, for tests where the socket matters.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import io
+import json
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import uvicorn
+from PIL import Image
+
+from faar_serve.settings import Settings
+from faar_serve.triton_local import free_port
+
+MODEL = "faar"
+
+
+@functools.lru_cache(maxsize=1)
+def exported_repository() -> Path:
+    """``<tmp>/repo`` with model ``faar`` v1 (tiny preset, 64x64, six tasks, max batch 8)."""
+    import torch
+
+    from faar.config import load_config
+    from faar.export import ExportOptions, export_run
+    from faar.model import build_model
+    from faar.run import save_model
+
+    root = Path(tempfile.mkdtemp(prefix="faar-serve-test-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    torch.manual_seed(0)
+    save_model(build_model(load_config("tiny").model), root / "run")
+    export_run(root / "run", root / "repo", ExportOptions(name=MODEL, version=1, max_batch_size=8))
+    return root / "repo"
+
+
+def manifest(repo: Path) -> dict[str, Any]:
+    return json.loads((repo / MODEL / "1" / "manifest.json").read_text())
+
+
+def settings(repo: Path, **overrides: Any) -> Settings:
+    return Settings(model_repository=repo, **overrides)
+
+
+def image(seed: int, height: int = 64, width: int = 64) -> np.ndarray:
+    """A distinct, smooth-ish RGB image per seed (blobs plus a little noise)."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((width, height),
+                                                                                      Image.Resampling.BICUBIC)
+    noise = rng.integers(-12, 13, (height, width, 3))
+    return np.clip(np.asarray(coarse, dtype=np.int64) + noise, 0, 255).astype(np.uint8)
+
+
+def encode(arr: np.ndarray | Image.Image, fmt: str = "PNG", **params: Any) -> bytes:
+    im = arr if isinstance(arr, Image.Image) else Image.fromarray(arr)
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=4)
+def _session(path: str) -> ort.InferenceSession:
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def _resize(plane: np.ndarray, height: int, width: int, resample: Image.Resampling) -> np.ndarray:
+    return np.asarray(Image.fromarray(plane).resize((width, height), resample))
+
+
+def offline_maps(repo: Path, rgb: np.ndarray) -> dict[str, np.ndarray]:
+    """task -> map at ``rgb``'s size: ONNX Runtime on the Pillow-resized image, maps resized back
+    (labels nearest; probability/depth bilinear; normals bilinear per axis, renormalised)."""
+    meta = manifest(repo)
+    _, h, w, _ = meta["inputs"][0]["shape"]
+    height, width = rgb.shape[:2]
+    x = _resize(rgb, h, w, Image.Resampling.BILINEAR) if (height, width) != (h, w) else rgb
+    session = _session(str(repo / MODEL / "1" / "model.onnx"))
+    names = [o.name for o in session.get_outputs()]
+    raw = dict(zip(names, (o[0] for o in session.run(names, {"image": x[None]})), strict=True))
+    maps = {}
+    for task, entry in meta["tasks"].items():
+        out = raw[task]
+        if (height, width) != (h, w):
+            if entry["kind"] == "labels":
+                out = _resize(out, height, width, Image.Resampling.NEAREST)
+            elif entry["kind"] == "normals":
+                out = np.stack([_resize(c, height, width, Image.Resampling.BILINEAR) for c in out])
+                out = out / np.linalg.norm(out, axis=0, keepdims=True)
+            else:
+                out = _resize(out, height, width, Image.Resampling.BILINEAR)
+        maps[task] = out
+    return maps
+
+
+def load_npz(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data)) as z:
+        return {k: z[k] for k in z.files}
+
+
+def assert_maps_equal(got: dict[str, np.ndarray], want: dict[str, np.ndarray], atol: float = 1e-5) -> None:
+    """Label maps exactly, float maps to ``atol`` (the same ONNX file, CPU, any batch composition)."""
+    assert sorted(got) == sorted(want)
+    for task, ref in want.items():
+        assert got[task].shape == ref.shape, task
+        if ref.dtype == np.uint8:
+            assert np.issubdtype(got[task].dtype, np.integer), task
+            np.testing.assert_array_equal(got[task], ref, err_msg=task)
+        else:
+            np.testing.assert_allclose(got[task], ref, atol=atol, rtol=0, err_msg=task)
+
+
+def post_image(data: bytes, name: str = "image.png", field: str = "image") -> dict[str, Any]:
+    """``files=`` for httpx / TestClient: one upload in ``field``."""
+    return {field: (name, data, "application/octet-stream")}
+
+
+class LiveServer:
+    """The app behind a real socket: uvicorn in a thread, stopped on exit."""
+
+    def __init__(self, app: Any) -> None:
+        self.port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
