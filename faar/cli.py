@@ -61,3 +61,55 @@ def train_main(argv: list[str] | None = None) -> int:
     print(json.dumps({"run": str(args.out), "epochs": len(history["epochs"]), "mean_rank": last.get("mean_rank"),
                       "val": last.get("val")}))
     return 0
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="faar-export",
+        description="Rebuild a run's model, merge its adapters into the frozen weights, export ONNX, "
+                    "check it against the unmerged model in ONNX Runtime, and write a Triton model "
+                    "repository: REPO_DIR/NAME/config.pbtxt and REPO_DIR/NAME/VERSION/{model.onnx,"
+                    "manifest.json}. Nothing is written unless the parity check passes.",
+    )
+    add = parser.add_argument
+    add("--run", required=True, metavar="RUN_DIR", help="run directory (model.json + model.safetensors)")
+    add("--out", required=True, metavar="REPO_DIR", help="Triton model repository to write into")
+    add("--name", default="faar", help="model name, the folder under REPO_DIR (default: faar)")
+    add("--version", type=int, default=1, help="model version folder, >= 1 (default: 1)")
+    add("--height", type=int, help="input height, a multiple of 32 (default: the run's size)")
+    add("--width", type=int, help="input width, a multiple of 32 (default: the run's size)")
+    add("--fft", choices=["matmul", "dft"], default="matmul",
+        help="matmul (default): the decoder's DFTs as MatMuls with constant matrices, runs on every "
+             "execution provider; dft: the ONNX DFT operator (no CUDA kernel in ONNX Runtime, slow on CPU)")
+    add("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto",
+        help="auto (default): torchscript for --fft matmul (fast), dynamo for --fft dft (the only "
+             "exporter of FFTs)")
+    add("--fp16", action="store_true",
+        help="float16 weights and compute; inputs, outputs and DFT nodes keep their fp32 types")
+    add("--probabilities", action="store_true",
+        help="also output TASK_probs (float32 class probabilities) for label tasks")
+    add("--max-batch-size", type=int, default=8, help="Triton max_batch_size (default: 8)")
+    add("--device-kind", choices=["gpu", "cpu"], default="cpu",
+        help="Triton instance_group kind (default: cpu)")
+    add("--opset", type=int, help="ONNX opset (default: 18)")
+    add("--overwrite", action="store_true", help="replace an existing NAME/VERSION folder")
+    args = parser.parse_args(argv)
+
+    from .export import ExportError, ExportOptions, export_run
+    from .run import RunError
+
+    options = ExportOptions(name=args.name, version=args.version, height=args.height, width=args.width,
+                            fft=args.fft, fp16=args.fp16, max_batch_size=args.max_batch_size,
+                            device_kind=args.device_kind, opset=args.opset, probabilities=args.probabilities,
+                            overwrite=args.overwrite, exporter=args.exporter)
+    try:
+        result = export_run(args.run, args.out, options)
+    except (ExportError, RunError) as exc:
+        return _fail(str(exc))
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    m = result.manifest
+    print(json.dumps({"model": str(result.model_dir), "version": args.version, "onnx": str(result.onnx_path),
+                      "sha256": m["onnx"]["sha256"], "exporter": m["export"]["exporter"],
+                      "seconds": m["export"]["total_seconds"], "parity": m["parity"]["outputs"]}))
+    return 0

@@ -1,0 +1,358 @@
+"""faar-export: merged ONNX, parity gate, Triton repository, manifest, refusals (CPU, tiny preset)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+import faar.export as export
+from faar.cli import export_main
+from faar.config import load_config
+from faar.export import ExportError, ExportOptions, check_parity, config_pbtxt, export_run
+from faar.model import IMAGENET_MEAN, IMAGENET_STD, build_model
+from faar.run import RunError, load_model, save_model
+from faar.tasks import TaskSpec, palette
+
+ONNX_TO_NP = {onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.FLOAT: "float32"}
+TRITON_TO_NP = {model_config_pb2.TYPE_UINT8: "uint8", model_config_pb2.TYPE_FP32: "float32"}
+
+
+def perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-zero adapters, magnitudes off ||W||, non-trivial TS-PD: merging and the spectra matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "lora_B":
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            elif leaf == "magnitude":
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif leaf in ("filters", "alpha_low", "alpha_high", "shift"):
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset with one task of each kind (fewer tasks: a faster dynamo export)."""
+    cfg = load_config("tiny", ["model.tasks=[semseg,saliency,normals,depth]"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    perturb(model)
+    path = tmp_path_factory.mktemp("run") / "tiny"
+    save_model(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("repo") / "model_repository"
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir: Path, repo: Path) -> export.ExportResult:
+    """Version 1: the defaults (matmul DFT, TorchScript exporter)."""
+    return export_run(run_dir, repo, ExportOptions())
+
+
+@pytest.fixture(scope="module")
+def exported_dft(run_dir: Path, repo: Path, exported: export.ExportResult) -> export.ExportResult:
+    """Version 2 of the same model: ONNX DFT through the dynamo exporter."""
+    return export_run(run_dir, repo, ExportOptions(version=2, fft="dft"))
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under the parent of ``root`` (temporary export folders included)."""
+    base = root.parent
+    return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()}
+
+
+def leftovers(repo: Path) -> list[str]:
+    return [p.name for p in repo.parent.iterdir() if ".export-" in p.name]
+
+
+def run_onnx(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {"image": images}), strict=True))
+
+
+def images(n: int, size: tuple[int, int], seed: int = 7) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, *size, 3), dtype=np.uint8)
+
+
+# --- the repository and its files --------------------------------------------------------------
+def test_both_fft_modes_pass_parity_and_share_one_model_folder(exported, exported_dft, repo: Path) -> None:
+    model_dir = repo / "faar"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2", "config.pbtxt"]
+    for result, version in ((exported, 1), (exported_dft, 2)):
+        assert result.version_dir == model_dir / str(version)
+        assert sorted(p.name for p in result.version_dir.iterdir()) == ["manifest.json", "model.onnx"]
+        parity = result.manifest["parity"]
+        assert parity["passed"] and not parity["failures"]
+        assert {i["batch"] for i in parity["inputs"]} == {1, 2}
+        for name, entry in parity["outputs"].items():
+            if "agreement" in entry:
+                assert entry["agreement"] >= 0.999, name
+            else:
+                assert entry["max_abs_error"] <= 1e-3 and entry["mean_abs_error"] <= 1e-4, name
+    assert exported.manifest["export"]["exporter"] == "torchscript"
+    assert exported_dft.manifest["export"]["exporter"] == "dynamo"
+    assert not leftovers(repo)
+
+
+def test_graphs_hold_no_adapter_and_the_right_transform(exported, exported_dft) -> None:
+    for result, has_dft in ((exported, False), (exported_dft, True)):
+        proto = onnx.load(str(result.onnx_path))
+        onnx.checker.check_model(proto, full_check=True)
+        g = proto.graph
+        names = [n.name for n in g.node] + [t.name for t in g.initializer]
+        names += [x for n in g.node for x in (*n.input, *n.output)]
+        assert not [n for n in names if any(k in n.lower() for k in ("lora", "magnitude", "gate"))]
+        assert ("DFT" in {n.op_type for n in g.node}) == has_dft
+        # rfft2 and irfft2 per task and pyramid level: 4 tasks x 4 levels x (2 + 2) one-axis DFTs
+        assert result.manifest["export"]["op_types"].get("DFT", 0) == (64 if has_dft else 0)
+
+
+def test_manifest_describes_tasks_outputs_ranks_and_file(exported, run_dir: Path) -> None:
+    m = exported.manifest
+    assert json.loads(exported.manifest_path.read_text()) == m
+    model = load_model(run_dir)
+    assert m["onnx"]["sha256"] == export.sha256_file(exported.onnx_path)
+    assert m["input_size"] == [64, 64]
+    (image,) = m["inputs"]
+    assert image["name"] == "image" and image["dtype"] == "uint8" and image["shape"] == [-1, 64, 64, 3]
+    assert image["normalization"]["mean"] == list(IMAGENET_MEAN)
+    assert image["normalization"]["std"] == list(IMAGENET_STD)
+    assert list(m["tasks"]) == list(model.tasks)
+    outputs = {o["name"]: o for o in m["outputs"]}
+    for task, spec in model.tasks.items():
+        entry = m["tasks"][task]
+        assert entry["outputs"] == [task] and outputs[task]["task"] == task
+        if spec.kind == "labels":
+            assert entry["classes"] == list(spec.classes)
+            assert entry["palette"] == palette(spec.channels)
+            assert outputs[task]["dtype"] == "uint8" and outputs[task]["shape"] == [-1, 64, 64]
+        elif spec.kind == "normals":
+            assert "camera" in entry["convention"] and outputs[task]["shape"] == [-1, 3, 64, 64]
+        else:
+            assert outputs[task]["dtype"] == "float32" and outputs[task]["shape"] == [-1, 64, 64]
+    assert m["tasks"]["depth"]["units"] == "m"
+    assert m["tasks"]["saliency"]["range"] == [0.0, 1.0]
+    layers = m["ranks"]["layers"]
+    assert {k: v["rank"] for k, v in layers.items()} == model.ranks()
+    assert m["ranks"]["count"] == len(layers) > 0
+    assert all(v["parameters_before"] > v["parameters_after"] for v in layers.values())
+    params = m["parameters"]
+    assert params["before_merge"] == sum(p.numel() for p in model.parameters())
+    assert params["trainable_before_merge"] > 0
+    assert params["after_merge"] > 0 and params["onnx_initializer_elements"] > 0
+    assert m["export"]["options"]["fft"] == "matmul" and m["export"]["fft_backend"] == "matmul"
+    assert m["parity"]["tolerance"] == {"max_abs": 1e-3, "mean_abs": 1e-4, "min_label_agreement": 0.999}
+
+
+def test_config_pbtxt_parses_with_triton_schema_and_matches_the_graph(exported, exported_dft) -> None:
+    cfg = text_format.Parse(exported.config_path.read_text(), model_config_pb2.ModelConfig())
+    assert cfg.name == "faar" and cfg.backend == "onnxruntime" and cfg.max_batch_size == 8
+    assert cfg.version_policy.latest.num_versions == 1
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [2, 4, 8]
+    assert cfg.dynamic_batching.max_queue_delay_microseconds > 0
+    assert [g.kind for g in cfg.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
+    (warmup,) = cfg.model_warmup
+    assert warmup.inputs["image"].zero_data and list(warmup.inputs["image"].dims) == [64, 64, 3]
+    for result in (exported, exported_dft):
+        graph = onnx.load(str(result.onnx_path)).graph
+        for declared, values in ((cfg.input, graph.input), (cfg.output, graph.output)):
+            assert [t.name for t in declared] == [v.name for v in values]
+            for t, v in zip(declared, values, strict=True):
+                dims = v.type.tensor_type.shape.dim
+                assert dims[0].dim_param == "batch"
+                assert list(t.dims) == [d.dim_value for d in dims[1:]], t.name
+                assert TRITON_TO_NP[t.data_type] == ONNX_TO_NP[v.type.tensor_type.elem_type], t.name
+
+
+@pytest.mark.parametrize("device_kind, max_batch, preferred", [("gpu", 1, []), ("cpu", 6, [2, 4, 6])])
+def test_config_pbtxt_options(exported, device_kind: str, max_batch: int, preferred: list[int]) -> None:
+    module = export.build_export_module(load_model(exported.manifest["source"]["run"]))
+    options = ExportOptions(device_kind=device_kind, max_batch_size=max_batch, fft="dft")
+    text = config_pbtxt("m", module.inputs, module.outputs, options)
+    cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert cfg.max_batch_size == max_batch and list(cfg.dynamic_batching.preferred_batch_size) == preferred
+    kind = model_config_pb2.ModelInstanceGroup.Kind.Value(f"KIND_{device_kind.upper()}")
+    assert [g.kind for g in cfg.instance_group] == [kind]
+    assert "tensorrt" in text and "DFT nodes" in text  # TensorRT/CUDA-graph hints stay comments
+
+
+# --- what the graph computes ----------------------------------------------------------------
+def test_graph_equals_model_predict_at_any_batch_in_both_fft_modes(exported, exported_dft, run_dir) -> None:
+    """Independent of ExportWrapper: normalise by hand and call FAARModel.predict (unmerged)."""
+    model = load_model(run_dir)
+    batch = images(3, (64, 64))  # batch 3: neither the export example nor a parity batch size
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    want = {t: y.numpy() for t, y in model.predict(x).items()}
+    for result in (exported, exported_dft):
+        got = run_onnx(result.onnx_path, batch)
+        assert set(got) == set(want)
+        for task, spec in model.tasks.items():
+            if spec.kind == "labels":
+                assert got[task].dtype == np.uint8
+                assert np.mean(got[task] == want[task]) >= 0.999, task
+            else:
+                expected = want[task][:, 0] if spec.channels == 1 else want[task]
+                assert got[task].shape == expected.shape
+                np.testing.assert_allclose(got[task], expected, atol=1e-4, err_msg=task)
+        assert np.allclose(np.linalg.norm(got["normals"], axis=1), 1, atol=1e-4)
+        assert got["saliency"].min() >= 0 and got["saliency"].max() <= 1 and got["depth"].min() >= 0
+
+
+def test_other_size_with_probabilities(run_dir: Path, tmp_path: Path) -> None:
+    result = export_run(run_dir, tmp_path / "repo", ExportOptions(height=96, width=96, probabilities=True))
+    m = result.manifest
+    assert m["input_size"] == [96, 96] and m["parity"]["passed"]
+    outputs = {o["name"]: o for o in m["outputs"]}
+    assert outputs["semseg_probs"]["shape"] == [-1, 21, 96, 96]
+    assert m["tasks"]["semseg"]["outputs"] == ["semseg", "semseg_probs"]
+    got = run_onnx(result.onnx_path, images(1, (96, 96)))
+    assert got["semseg"].shape == (1, 96, 96)
+    np.testing.assert_allclose(got["semseg_probs"].sum(1), 1, atol=1e-5)
+    np.testing.assert_array_equal(got["semseg_probs"].argmax(1), got["semseg"])
+    cfg = text_format.Parse(result.config_path.read_text(), model_config_pb2.ModelConfig())
+    assert list(cfg.input[0].dims) == [96, 96, 3]
+
+
+def test_check_parity_fails_on_a_real_difference(exported, run_dir: Path) -> None:
+    """The gate itself: the merged file against a reference whose depth head is off."""
+    model = load_model(run_dir)
+    with torch.no_grad():
+        model.decoder.heads["depth"].out.bias.add_(0.01)
+    reference = export.build_export_module(model)
+    batches = export.parity_batches((64, 64))[:1]
+    report = check_parity(exported.onnx_path, reference, batches, export.TOLERANCES["fp32"])
+    assert not report["passed"]
+    assert [f.split(":")[0] for f in report["failures"]] == ["depth"]
+    assert report["outputs"]["depth"]["max_abs_error"] > 1e-3
+
+
+# --- refusals leave nothing behind --------------------------------------------------------------
+def test_missing_incomplete_and_incompatible_run_dirs(run_dir: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    with pytest.raises(RunError, match="not found"):
+        export_run(tmp_path / "nope", repo)
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(RunError, match="incomplete"):
+        export_run(broken, repo)
+    future = tmp_path / "future"
+    shutil.copytree(run_dir, future)
+    meta = json.loads((future / "model.json").read_text())
+    (future / "model.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(RunError, match="format"):
+        export_run(future, repo)
+    assert not repo.exists() and not leftovers(repo)
+
+
+@pytest.mark.parametrize("options, message", [
+    (ExportOptions(height=100, width=96), "multiples of 32"),
+    (ExportOptions(height=0, width=0), "multiples of 32"),
+    (ExportOptions(height=96), "both"),
+    (ExportOptions(version=0), "positive"),
+    (ExportOptions(name="../x"), "model name"),
+    (ExportOptions(fft="dft", exporter="torchscript"), "cannot export torch.fft"),
+    (ExportOptions(fft="dft", opset=17), "opset"),
+    (ExportOptions(max_batch_size=0), "max_batch_size"),
+])
+def test_bad_options(run_dir: Path, tmp_path: Path, options: ExportOptions, message: str) -> None:
+    with pytest.raises(ExportError, match=message):
+        export_run(run_dir, tmp_path / "repo", options)
+    assert not (tmp_path / "repo").exists() and not leftovers(tmp_path / "repo")
+
+
+def test_too_many_classes_for_uint8() -> None:
+    spec = TaskSpec("semseg", "labels", 256, "cross_entropy", 1.0, "x", classes=tuple(map(str, range(256))))
+    with pytest.raises(ExportError, match="255"):
+        export.output_specs({"semseg": spec}, (64, 64), probabilities=False)
+
+
+def test_existing_version_and_different_model_are_refused(exported, exported_dft, run_dir, repo) -> None:
+    before = snapshot(repo)
+    with pytest.raises(ExportError, match="already exists.*--overwrite"):
+        export_run(run_dir, repo, ExportOptions(version=1))
+    with pytest.raises(ExportError, match="different model"):
+        export_run(run_dir, repo, ExportOptions(version=3, height=96, width=96))
+    foreign = repo / "other"
+    foreign.mkdir()
+    (foreign / "config.pbtxt").write_text('name: "other"\n')
+    with pytest.raises(ExportError, match="not written by faar-export|no model version"):
+        export_run(run_dir, repo, ExportOptions(name="other"))
+    shutil.rmtree(foreign)
+    assert snapshot(repo) == before
+
+
+def test_parity_failure_writes_nothing(exported, run_dir: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph with one corrupted weight (the exported one, noised) must be refused by the gate."""
+
+    def corrupted_export(module, path, *args, **kwargs):
+        proto = onnx.load(str(exported.onnx_path))
+        first_conv = next(n for n in proto.graph.node if n.op_type == "Conv")  # the patch embedding
+        weight = next(t for t in proto.graph.initializer if t.name == first_conv.input[1])
+        array = onnx.numpy_helper.to_array(weight)
+        array = array + np.random.default_rng(0).normal(0, array.std(), array.shape).astype(array.dtype)
+        weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
+        onnx.save(proto, str(path))
+        return exported.manifest["export"]
+
+    monkeypatch.setattr(export, "export_onnx", corrupted_export)
+    repo = tmp_path / "repo"
+    with pytest.raises(ExportError, match="parity check failed"):
+        export_run(run_dir, repo)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no repository, no temporary folder
+
+
+# --- the command line -----------------------------------------------------------------------------
+def test_cli_help_lists_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        export_main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    options = ("--run --out --name --version --height --width --fft --exporter --fp16 --opset "
+               "--max-batch-size --device-kind --probabilities --overwrite")
+    for option in options.split():
+        assert option in text
+
+
+def test_cli_errors_exit_non_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert export_main(["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "repo")]) != 0
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()
+
+
+def test_cli_fp16_overwrite_keeps_other_versions(exported, exported_dft, repo: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy)
+    old_sha = exported.manifest["onnx"]["sha256"]
+    rc = export_main(["--run", exported.manifest["source"]["run"], "--out", str(copy), "--version", "1",
+                      "--overwrite", "--fp16", "--max-batch-size", "4"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["version"] == 1 and summary["sha256"] != old_sha
+    assert "older than version 2" in captured.err  # Triton keeps serving the newest version
+    manifest = json.loads((copy / "faar" / "1" / "manifest.json").read_text())
+    assert manifest["export"]["fp16"] and manifest["parity"]["passed"]
+    assert manifest["parity"]["tolerance"] == {"max_abs": 0.1, "mean_abs": 5e-3, "min_label_agreement": 0.98}
+    assert (copy / "faar" / "2" / "model.onnx").read_bytes() == exported_dft.onnx_path.read_bytes()
+    cfg = text_format.Parse((copy / "faar" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert cfg.max_batch_size == 4
+    assert not leftovers(copy)
