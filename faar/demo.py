@@ -90,7 +90,7 @@ def run_demo(out: Path, config: str = "demo", overrides: list[str] | None = None
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     print(f"[3/4] serving {repo} at {url}", flush=True)
-    server = subprocess.Popen([sys.executable, "-m", "faar_serve.cli", "--model-repository", str(repo),
+    server = subprocess.Popen([sys.executable, "-m", "faar_serve", "--model-repository", str(repo),
                                "--host", "127.0.0.1", "--port", str(port)])
     try:
         wait_ready(url, server)
