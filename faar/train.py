@@ -39,7 +39,7 @@ from .data import build_dataset
 from .metrics import MultiTaskMetrics, delta_m, trivial_baseline
 from .model import FAARModel, build_model, parameter_summary
 from .pdrs import PDRS, mean_rank
-from .run import atomic_path, load_state_dict_shared, save_model, state_dict_for_save, write_json
+from .run import atomic_path, load_model, load_state_dict_shared, save_model, state_dict_for_save, write_json
 from .tasks import TaskSpec
 
 STATE_DIR = "state"
@@ -425,8 +425,6 @@ def _epoch_line(e: dict[str, Any]) -> str:
 
 def evaluate_run(run_dir: str | os.PathLike, cfg: Config, device: str | None = None) -> dict[str, Any]:
     """Evaluate a run's saved model on the configured validation split."""
-    from .run import load_model
-
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(run_dir, dev)
     img_size = model.img_size
