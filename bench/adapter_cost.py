@@ -20,32 +20,16 @@ ratio to ``floor`` taken in the same process, because the machine is shared and 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import eager_call, interleaved_medians, write_result
 
 from faar.adapters import adapters_of
 from faar.config import load_config
 from faar.model import build_model, merge_model
-
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per callable, timed round-robin so drift on a shared machine hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def shrink_all(model: torch.nn.Module, rank: int) -> None:
@@ -71,7 +55,7 @@ def run(config: str, batch: int, shrunk: int, repeats: int, warmup: int, train: 
 
     def infer(model: torch.nn.Module) -> Callable[[], object]:
         model.eval()
-        return lambda: _no_grad(model, x)
+        return eager_call(model, x)
 
     dora = build(config, ["model.adapter.forward=unmerged"])
     r0 = max(a.rank for a in adapters_of(dora).values())
@@ -105,11 +89,6 @@ def run(config: str, batch: int, shrunk: int, repeats: int, warmup: int, train: 
                         "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
                         "cpu": platform.processor() or platform.machine()}
     return results
-
-
-def _no_grad(model: torch.nn.Module, x: torch.Tensor) -> object:
-    with torch.no_grad():
-        return model(x)
 
 
 def _train_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -148,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         args.config, args.repeats, args.warmup, args.shrunk = "tiny", 3, 1, 2
     results = run(args.config, args.batch, args.shrunk, args.repeats, args.warmup, args.train)
     print_table(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_result(args.out, results)
     return 0
 
 

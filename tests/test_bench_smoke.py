@@ -1,4 +1,4 @@
-"""Benchmark scripts run on tiny sizes and write their JSON (no timing assertions)."""
+"""Every benchmark script runs on tiny sizes and writes its JSON (no timing assertions)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,52 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_adapter_cost_quick(tmp_path: Path) -> None:
-    out = tmp_path / "adapter_cost.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "adapter_cost.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def run_quick(script: str, tmp_path: Path) -> tuple[dict[str, Any], str]:
+    out = tmp_path / f"{script}.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
+    assert result["machine"]["versions"]["torch"]
+    return result, proc.stdout
+
+
+def test_adapter_cost_quick(tmp_path: Path) -> None:
+    result, stdout = run_quick("adapter_cost", tmp_path)
     assert {"floor", "single", "merged", "merged_after_shrink"} <= set(result["inference_s"])
     assert result["ratio_to_floor"]["floor"] == 1.0
     assert set(result["train_step_s"]) == {"fused_r8", "fused_r2", "unmerged_r8", "unmerged_r2"}
-    assert "x floor" in proc.stdout
+    assert "x floor" in stdout
+
+
+def test_spectral_quick(tmp_path: Path) -> None:
+    result, stdout = run_quick("spectral", tmp_path)
+    forms = {"torch_fft_eager", "matmul_eager", "onnx_dft_ort", "matmul_ort"}
+    assert {r["form"] for r in result["rows"]} == forms
+    assert {r["batch"] for r in result["rows"]} == {1, 2}
+    # every backend computes the same transform as torch.fft
+    assert max(r["max_abs_err"] for r in result["rows"]) < 1e-3
+    assert "x torch.fft" in stdout
+
+
+def test_engine_quick(tmp_path: Path) -> None:
+    result, stdout = run_quick("engine", tmp_path)
+    assert {r["form"] for r in result["rows"]} >= {"torch_eager", "ort_all", "ort_basic", "ort_fp16"}
+    assert result["setup"]["gflop_per_image"] > 0
+    assert result["peak"]["gflops"] > 0
+    assert all(r["images_per_s"] > 0 for r in result["rows"])
+    assert "% of peak" in stdout
+
+
+def test_serving_quick(tmp_path: Path) -> None:
+    result, stdout = run_quick("serving", tmp_path)
+    assert {r["setup"] for r in result["rows"]} == {"onnx_batching", "onnx_no_batching", "triton"}
+    assert all(r["errors"] == 0 and r["ok"] == r["requests"] for r in result["rows"])
+    assert all(r["gateway_peak_rss_mib"] > 0 for r in result["rows"])
+    assert set(result["bare_images_per_s"]) == {"b1", "b8"}
+    assert "p99 ms" in stdout

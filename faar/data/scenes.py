@@ -6,8 +6,12 @@ object that finds no free spot in 30 draws is dropped). One vectorised ray cast 
 (numpy, no per-pixel Python loop) yields the image and all six labels:
 
 - image: Lambert + ambient shading from a random sun, exact cast shadows (shadow rays),
-  procedural textures (checker / stripes / value noise, random colours per part), a sky
-  gradient with clouds, distance haze.
+  procedural textures (checker / stripes / value noise, random saturation and brightness
+  per part), a sky gradient with clouds, distance haze. Each object class has a typical
+  hue (``class_hue``, jittered by ``HUE_JITTER``), as real categories have a typical
+  appearance: with no hub weights here the backbone starts random, and classes that
+  differ only in shape are not learnable by frozen random features in a few CPU minutes.
+  Ground and sky colours stay random, so colour alone never decides object vs background.
 - semseg (``SCENE_CLASSES``): sky, ground and the five object classes.
 - human_parts (``SCENE_PARTS``, "object parts"): two to four parts per class, background 0
   on sky and ground.
@@ -69,6 +73,7 @@ SCENE_PARTS = (
     "cone_tip", "cone_body", "figure_head", "figure_torso", "figure_arm", "figure_leg",
 )
 SCENE_TASKS = ("semseg", "human_parts", "saliency", "normals", "depth", "edge")
+HUE_JITTER = 0.04  # spread of an object's hue around its class hue (the wheel is 1.0)
 MAX_DEPTH = 40.0  # metres; ground beyond this is drawn as sky and has no depth/normal label
 
 _CLS = {name: i for i, name in enumerate(SCENE_CLASSES)}
@@ -259,14 +264,22 @@ class Scene:
 
 
 # --- scene sampling -----------------------------------------------------------------------
-def _color(rng: np.random.Generator) -> tuple[float, float, float]:
-    h, s, v = rng.random(), rng.uniform(0.3, 0.9), rng.uniform(0.35, 1.0)
+def class_hue(cls: str) -> float:
+    """The typical hue of an object class: the five classes evenly around the colour wheel."""
+    objects = SCENE_CLASSES[2:]
+    return objects.index(cls) / len(objects)
+
+
+def _color(rng: np.random.Generator, hue: float | None = None) -> tuple[float, float, float]:
+    """A random colour; with ``hue``, one from that hue's family (same number of draws either way)."""
+    h = rng.random() if hue is None else (hue + rng.normal(0.0, HUE_JITTER)) % 1.0
+    s, v = rng.uniform(0.3, 0.9), rng.uniform(0.35, 1.0)
     rgb = np.clip(np.abs((h * 6 + np.array([0.0, 4.0, 2.0])) % 6 - 3) - 1, 0, 1)
     return tuple(float(x) for x in v * (1 - s + s * rgb))
 
 
-def _material(rng: np.random.Generator) -> Material:
-    return Material(_color(rng), _color(rng), str(rng.choice(["plain", "stripes", "checker", "noise"])),
+def _material(rng: np.random.Generator, hue: float | None = None) -> Material:
+    return Material(_color(rng, hue), _color(rng, hue), str(rng.choice(["plain", "stripes", "checker", "noise"])),
                     float(rng.uniform(2.0, 8.0)))
 
 
@@ -277,7 +290,7 @@ def _object(rng: np.random.Generator, cls: str, x: float, z: float, size: float,
     c = _CLS[cls]
 
     def prim(shape: Shape, upper: str, lower: str, anchor: tuple[float, float, float]) -> Primitive:
-        return Primitive(shape, c, inst, _PART[upper], _PART[lower], _material(rng), anchor, yaw)
+        return Primitive(shape, c, inst, _PART[upper], _PART[lower], _material(rng, class_hue(cls)), anchor, yaw)
 
     if cls == "sphere":
         return [prim(Sphere((x, size, z), size), "sphere_upper", "sphere_lower", (x, size, z))]

@@ -1,0 +1,197 @@
+"""The gateway over real HTTP against the bare engine, at several client concurrencies.
+
+Setups, each a real ``faar-serve`` process on a free port fed by ``clients/loadgen.py``'s
+load loop with the same PNG:
+  onnx_batching     embedded ONNX Runtime, micro-batching up to config.pbtxt's max batch
+  onnx_no_batching  embedded ONNX Runtime, ``--max-batch-size 1``
+  triton            ``--engine triton`` against a real local Triton (``faar-triton``'s server,
+                    dynamic batching from config.pbtxt), over gRPC
+``bare`` is ONNX Runtime alone on the already decoded, resized image at batch 1 and at the
+max batch (the gateway's session settings): what the model can do without HTTP, decoding,
+resizing and encoding. Reported per setup and concurrency: throughput, p50/p95/p99 latency,
+throughput as a share of the bare engine's best, and the gateway's peak RSS (VmHWM; for
+Triton also the server's process tree).
+
+    python bench/serving.py --config demo --concurrency 1 8 32 --out bench/results/serving_demo.json
+    python bench/serving.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from common import interleaved_medians, markdown_table, ort_call, write_result
+from PIL import Image
+
+from faar.config import load_config
+from faar.data.scenes import render_scene
+from faar.export import ExportOptions, export_run
+from faar.model import build_model
+from faar.run import save_model
+from faar_serve.engines.onnx import create_session
+from faar_serve.manifest import load_model_spec
+from faar_serve.triton_local import LocalTriton, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "clients"))
+import loadgen  # noqa: E402  (clients/ is a folder of scripts, not a package)
+
+MODEL = "faar"
+
+
+def export_repository(config: str, dest: Path, max_batch_size: int) -> Path:
+    """A real repository from a randomly initialised model of the preset (what faar-export writes)."""
+    torch.manual_seed(0)
+    save_model(build_model(load_config(config, ["model.pretrained=false"]).model, load_weights=False),
+               dest / "run")
+    export_run(dest / "run", dest / "repo", ExportOptions(name=MODEL, version=1, max_batch_size=max_batch_size))
+    return dest / "repo"
+
+
+def scene_png(size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(render_scene(2026, size)["image"]).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM of ``pid`` and its descendants (the Triton server forks one stub per model instance)."""
+    total, stack = 0.0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")) / 1024
+        stack += [int(c) for c in children]
+    return round(total, 1)
+
+
+def bare_engine(repo: Path, image: bytes, max_batch: int, repeats: int) -> dict[str, float]:
+    """Images/s of ONNX Runtime alone (gateway session options) at batch 1 and at the max batch."""
+    spec = load_model_spec(repo, MODEL)
+    session = create_session(spec.onnx_path, "cpu")
+    h, w = spec.height, spec.width
+    pixels = np.asarray(Image.open(io.BytesIO(image)).convert("RGB").resize((w, h), Image.Resampling.BILINEAR))
+    name = session.get_inputs()[0].name
+    batches = {b: np.repeat(pixels[None], b, axis=0) for b in sorted({1, max_batch})}
+    times = interleaved_medians({b: ort_call(session, {name: x}) for b, x in batches.items()}, repeats, 2)
+    return {f"b{b}": b / t for b, t in times.items()}
+
+
+class Gateway:
+    """``python -m faar_serve`` in a subprocess, ready when /readyz says so."""
+
+    def __init__(self, repo: Path, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "faar_serve", "--model-repository", str(repo), "--port", str(self.port),
+               "--log-level", "warning", "--max-queue", "256", *flags]
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"gateway exited: {self.log.read().decode()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.close()
+        raise RuntimeError("gateway not ready within 120 s")
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def load(url: str, concurrency: int, requests: int, image: bytes) -> dict:
+    return asyncio.run(loadgen.run(url, concurrency, requests, image, {"format": "json"}, {}, 120.0))
+
+
+def run(config: str, concurrencies: list[int], requests: int, max_batch: int, image_size: tuple[int, int],
+        triton: bool) -> dict:
+    image = scene_png(image_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = export_repository(config, Path(tmp), max_batch)
+        bare = bare_engine(repo, image, max_batch, repeats=7)
+        setups: dict[str, tuple[str, ...]] = {"onnx_batching": (), "onnx_no_batching": ("--max-batch-size", "1")}
+        rows = []
+        server = None
+        if triton:
+            server = LocalTriton(repo)
+            server.__enter__()
+            setups["triton"] = ("--engine", "triton", "--triton-url", f"127.0.0.1:{server.grpc_port}")
+        try:
+            for name, flags in setups.items():
+                gateway = Gateway(repo, *flags)
+                try:
+                    load(gateway.url, 4, 8, image)  # warm-up: sessions, batcher, connections
+                    for concurrency in concurrencies:
+                        report = load(gateway.url, concurrency, max(requests, 2 * concurrency), image)
+                        rows.append({"setup": name, "concurrency": concurrency, **report,
+                                     "share_of_bare": report["throughput_rps"] / max(bare.values()),
+                                     "gateway_peak_rss_mib": peak_rss_mib(gateway.process.pid)})
+                finally:
+                    gateway.close()
+            triton_rss = peak_rss_mib(server.process.pid) if server and server.process else None
+        finally:
+            if server is not None:
+                server.__exit__(None, None, None)
+    return {"setup": {"config": config, "image": list(image_size), "max_batch": max_batch, "requests": requests,
+                      "concurrency": concurrencies, "cpus": os.cpu_count()},
+            "bare_images_per_s": bare, "triton_peak_rss_mib": triton_rss, "rows": rows}
+
+
+def print_table(result: dict) -> None:
+    print(f"setup: {result['setup']}")
+    print(f"bare engine images/s: {result['bare_images_per_s']}; triton server peak RSS: "
+          f"{result['triton_peak_rss_mib']} MiB")
+    print(markdown_table(["setup", "conc.", "req/s", "x bare best", "p50 ms", "p95 ms", "p99 ms", "errors",
+                          "gateway peak RSS MiB"],
+                         [[r["setup"], r["concurrency"], r["throughput_rps"], r["share_of_bare"],
+                           r["latency_ms"]["p50"], r["latency_ms"]["p95"], r["latency_ms"]["p99"], r["errors"],
+                           r["gateway_peak_rss_mib"]] for r in result["rows"]]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="demo")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=96, help="per setup and concurrency (at least 2x conc.)")
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--image", type=int, nargs=2, default=[240, 320], metavar=("H", "W"))
+    parser.add_argument("--no-triton", dest="triton", action="store_false")
+    parser.add_argument("--quick", action="store_true", help="the tiny preset, few requests")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/serving.json"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.config, args.concurrency, args.requests = "tiny", [1, 4], 8
+    result = run(args.config, args.concurrency, args.requests, args.max_batch, tuple(args.image), args.triton)
+    print_table(result)
+    write_result(args.out, result)
+    return 0 if all(r["errors"] == 0 for r in result["rows"]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
