@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import codec
+from . import codec, web
 from .engines import Engine, EngineFailure, EngineResult, EngineUnavailable, create_engine
 from .manifest import ModelSpec, load_model_spec
 from .metrics import Metrics, MetricsMiddleware
@@ -348,6 +348,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.gateway = gw
     app.include_router(api)
     app.include_router(ops)
+    app.include_router(web.router)  # the page is public; its API calls carry the key
+    app.mount("/static", web.static_files(), name="static")
     install_error_handlers(app, settings.retry_after_s)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     if settings.cors_origins:

@@ -31,7 +31,8 @@ class Prediction(BaseModel):
     width: int = Field(description="of the uploaded image after EXIF orientation; every map has this size")
     height: int
     tasks: dict[str, TaskMap]
-    timings_ms: dict[str, float] = Field(description="decode, queue, inference, encode (and total)")
+    timings_ms: dict[str, float] = Field(description="server stages decode, queue, inference, encode in ms; "
+                                          "their sum is the server time (HTTP parsing excluded)")
 
 
 class BatchPrediction(BaseModel):
