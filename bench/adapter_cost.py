@@ -8,7 +8,11 @@ Inference (eval, no grad), one model architecture in several forms:
   unmerged   the DoRA model as MTLoRA's / FAAR's own code runs it (they cannot merge),
              at the initial rank and after shrinking to ``--shrunk`` ranks per adapter
 Training (one forward+backward+AdamW step): fused vs unmerged DoRA forward at the initial
-rank and after shrinking.
+rank and after shrinking, with the step's memory (see ``train_memory_mib``).
+
+Besides time, every inference form's GFLOP per image is counted exactly
+(``FlopCounterMode``): ``merged`` and ``floor`` must come out equal, which settles "adapters
+cost nothing once merged" where the machine's timing noise cannot.
 
 Every number is a median over ``--repeats`` timed runs after warm-up; every comparison is a
 ratio to ``floor`` taken in the same process, because the machine is shared and noisy.
@@ -20,16 +24,15 @@ ratio to ``floor`` taken in the same process, because the machine is shared and 
 from __future__ import annotations
 
 import argparse
-import platform
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import eager_call, interleaved_medians, write_result
+from common import count_flops, eager_call, interleaved_medians, markdown_table, random_model, write_result
 
 from faar.adapters import adapters_of
 from faar.config import load_config
-from faar.model import build_model, merge_model
+from faar.model import merge_model
 
 
 def shrink_all(model: torch.nn.Module, rank: int) -> None:
@@ -37,57 +40,73 @@ def shrink_all(model: torch.nn.Module, rank: int) -> None:
         a.keep(torch.arange(min(rank, a.rank)))
 
 
-def build(config: str, overrides: list[str], adapted: bool = True) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = build_model(load_config(config, ["model.pretrained=false", *overrides]).model, load_weights=False)
-    if adapted:
-        with torch.no_grad():
-            for a in adapters_of(model).values():
-                a.lora_B.normal_(std=0.02)
-    return model
+def train_memory_mib(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Memory one training step holds at its peak (end of forward), device-independent.
+
+    ``activations``: distinct storages autograd saves for backward, frozen weights excluded
+    (they exist anyway; the fused DoRA weight ``W + BA`` built per call is counted, as it
+    should be). ``trainable``: the adapters' and decoder's weights, gradients and the two
+    AdamW moments (4x the trainable bytes). Counted, not sampled from the allocator, so the
+    number is exact and the same on CPU and CUDA.
+    """
+    frozen = {p.untyped_storage().data_ptr() for p in model.parameters() if not p.requires_grad}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in frozen:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    del out
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    mib = 2.0 ** 20
+    return {"activations": sum(saved.values()) / mib, "trainable": 4 * trainable / mib,
+            "total": (sum(saved.values()) + 4 * trainable) / mib}
 
 
 def run(config: str, batch: int, shrunk: int, repeats: int, warmup: int, train: bool) -> dict:
     cfg = load_config(config, ["model.pretrained=false"])
     h, w = cfg.model.img_size
     x = torch.randn(batch, 3, h, w)
-    results: dict[str, dict[str, float]] = {"inference_s": {}, "train_step_s": {}}
+    results: dict[str, dict] = {"inference_s": {}, "train_step_s": {}}
 
-    def infer(model: torch.nn.Module) -> Callable[[], object]:
-        model.eval()
-        return eager_call(model, x)
-
-    dora = build(config, ["model.adapter.forward=unmerged"])
+    dora = random_model(config, ["model.adapter.forward=unmerged"])
     r0 = max(a.rank for a in adapters_of(dora).values())
-    forms = {
-        "floor": infer(merge_model(build(config, [], adapted=False))),
-        "single": infer(build(config, ["model.adapter.kind=none"])),
-        "merged": infer(merge_model(dora)),
-        f"unmerged_r{r0}": infer(dora),
-    }
-    shrunk_model = build(config, ["model.adapter.forward=unmerged"])
+    shrunk_model = random_model(config, ["model.adapter.forward=unmerged"])
     shrink_all(shrunk_model, shrunk)
-    forms["merged_after_shrink"] = infer(merge_model(shrunk_model))
-    forms[f"unmerged_r{shrunk}"] = infer(shrunk_model)
+    models = {
+        "floor": merge_model(random_model(config, adapted=False)),
+        "single": random_model(config, ["model.adapter.kind=none"]),
+        "merged": merge_model(dora),
+        f"unmerged_r{r0}": dora,
+        "merged_after_shrink": merge_model(shrunk_model),
+        f"unmerged_r{shrunk}": shrunk_model,
+    }
+    forms = {k: eager_call(m.eval(), x) for k, m in models.items()}
     inf = results["inference_s"] = interleaved_medians(forms, repeats, warmup)
+    results["gflop_per_image"] = {k: count_flops(m, x[:1]) / 1e9 for k, m in models.items()}
 
     if train:
-        steps = {}
+        steps, memory = {}, {}
         for mode in ("fused", "unmerged"):
             for rank in (r0, shrunk):
-                model = build(config, [f"model.adapter.forward={mode}"]).train()
+                model = random_model(config, [f"model.adapter.forward={mode}"]).train()
                 if rank != r0:
                     shrink_all(model, rank)
+                memory[f"{mode}_r{rank}"] = train_memory_mib(model, x)
                 steps[f"{mode}_r{rank}"] = _train_step(model, x)
         results["train_step_s"] = interleaved_medians(steps, max(repeats // 2, 2), 1)
+        results["train_memory_mib"] = memory
 
     results["ratio_to_floor"] = {k: v / inf["floor"] for k, v in inf.items()}
     if results["train_step_s"]:
         base = results["train_step_s"][f"fused_r{r0}"]
         results["train_ratio_to_fused_r0"] = {k: v / base for k, v in results["train_step_s"].items()}
     results["setup"] = {"config": config, "img_size": [h, w], "batch": batch, "initial_rank": r0, "shrunk_rank": shrunk,
-                        "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                        "cpu": platform.processor() or platform.machine()}
+                        "repeats": repeats}
     return results
 
 
@@ -105,11 +124,15 @@ def _train_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 def print_table(results: dict) -> None:
     print(f"setup: {results['setup']}")
-    print(f"{'inference form':24s} {'median s':>10s} {'x floor':>8s}")
-    for k, v in results["inference_s"].items():
-        print(f"{k:24s} {v:10.4f} {results['ratio_to_floor'][k]:8.3f}")
-    for k, v in results["train_step_s"].items():
-        print(f"train step {k:13s} {v:10.4f} {results['train_ratio_to_fused_r0'][k]:8.3f} (x fused at initial rank)")
+    print(markdown_table(["inference form", "median s", "x floor", "GFLOP/image"],
+                         [[k, v, results["ratio_to_floor"][k], results["gflop_per_image"][k]]
+                          for k, v in results["inference_s"].items()]))
+    if results["train_step_s"]:
+        memory = results["train_memory_mib"]
+        print(markdown_table(["training step", "median s", "x fused at initial rank", "activations MiB",
+                              "trainable state MiB"],
+                             [[k, v, results["train_ratio_to_fused_r0"][k], memory[k]["activations"],
+                               memory[k]["trainable"]] for k, v in results["train_step_s"].items()]))
 
 
 def main(argv: list[str] | None = None) -> int:

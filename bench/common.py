@@ -16,8 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-# Zen 2/3/4 and Intel since Haswell issue two vector FMAs per cycle per core.
+from faar.adapters import adapters_of
+from faar.config import load_config
+from faar.model import FAARModel, build_model
+
+# Two vector FMA units per core: Zen 2-5 and Intel cores since Haswell. The peak below takes
+# AVX-512 at full width (16 fp32 lanes), true of Zen 5 and Intel server cores; Zen 4 runs
+# AVX-512 in two 256-bit halves, so there the true peak is half of what it prints.
 FMA_UNITS_PER_CORE = 2
 
 
@@ -42,6 +49,26 @@ def eager_call(module: torch.nn.Module, *inputs: torch.Tensor) -> Callable[[], o
             return module(*inputs)
 
     return call
+
+
+def random_model(config: str, overrides: list[str] | tuple[str, ...] = (), adapted: bool = True) -> FAARModel:
+    """The preset with random weights; ``adapted`` gives every adapter a non-zero update
+    (``lora_B`` starts at zero), so merging has something to fold and nothing is skipped."""
+    torch.manual_seed(0)
+    model = build_model(load_config(config, ["model.pretrained=false", *overrides]).model, load_weights=False)
+    if adapted:
+        with torch.no_grad():
+            for a in adapters_of(model).values():
+                a.lora_B.normal_(std=0.02)
+    return model
+
+
+def count_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    """FLOPs of one no-grad call, by ``FlopCounterMode`` (an FMA counts 2; matmuls and convs only)."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        module(*inputs)
+    return counter.get_total_flops()
 
 
 def ort_call(session: Any, feeds: dict[str, Any]) -> Callable[[], object]:
@@ -81,7 +108,12 @@ def machine() -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
-    return {"cpu": _cpuinfo().get("model name") or platform.processor() or platform.machine(),
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    return {"cpu": info.get("model name") or platform.processor() or platform.machine(),
+            "cpu_family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
+            "mhz": float(info.get("cpu MHz", "0") or 0),
+            "simd": "avx512" if "avx512f" in flags else "avx2+fma" if {"avx2", "fma"} <= flags else "older",
             "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "versions": versions}
 

@@ -25,32 +25,24 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from common import cpu_peak_gflops, eager_call, interleaved_medians, markdown_table, ort_call, write_result
-from torch.utils.flop_counter import FlopCounterMode
+from common import (
+    count_flops,
+    cpu_peak_gflops,
+    eager_call,
+    interleaved_medians,
+    markdown_table,
+    ort_call,
+    random_model,
+    write_result,
+)
 
-from faar.adapters import adapters_of
-from faar.config import load_config
 from faar.export import build_export_module, export_onnx
-from faar.model import FAARModel, build_model, merge_model
+from faar.model import FAARModel, merge_model
 
 
 def merged_model(config: str) -> FAARModel:
     """The preset's DoRA model with random adapter updates, merged as faar-export merges it."""
-    torch.manual_seed(0)
-    model = build_model(load_config(config, ["model.pretrained=false"]).model, load_weights=False)
-    with torch.no_grad():
-        for a in adapters_of(model).values():
-            a.lora_B.normal_(std=0.02)
-    return merge_model(model).eval()
-
-
-def count_flops(model: FAARModel) -> int:
-    """FLOPs of one image through the served graph (matmul DFT; torch counts an FMA as 2)."""
-    h, w = model.img_size
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(torch.randn(1, 3, h, w))
-    return counter.get_total_flops()
+    return merge_model(random_model(config)).eval()
 
 
 def session(path: Path, level: ort.GraphOptimizationLevel, intra: int, parallel: bool = False,
@@ -72,7 +64,7 @@ def run(config: str, batches: list[int], repeats: int, warmup: int, fp16: bool) 
     with tempfile.TemporaryDirectory() as tmp:
         served = merged_model(config)
         served.set_fft_backend("matmul")
-        flops = count_flops(served)
+        flops = count_flops(served, torch.randn(1, 3, *served.img_size))
         fp32_path, fp16_path = Path(tmp) / "fp32.onnx", Path(tmp) / "fp16.onnx"
         export_onnx(build_export_module(served), fp32_path)
         sessions = {"ort_all": session(fp32_path, levels.ORT_ENABLE_ALL, cores),

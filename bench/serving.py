@@ -2,15 +2,21 @@
 
 Setups, each a real ``faar-serve`` process on a free port fed by ``clients/loadgen.py``'s
 load loop with the same PNG:
-  onnx_batching     embedded ONNX Runtime, micro-batching up to config.pbtxt's max batch
-  onnx_no_batching  embedded ONNX Runtime, ``--max-batch-size 1``
+  onnx              embedded ONNX Runtime with its defaults (on the CPU: one image per call,
+                    no spin-waiting threads)
+  onnx_batching     ``--max-batch-size`` = config.pbtxt's max batch (micro-batching)
+  onnx_spin_wait    ``--cpu-spin-wait`` (ONNX Runtime threads busy-wait between operators)
   triton            ``--engine triton`` against a real local Triton (``faar-triton``'s server,
                     dynamic batching from config.pbtxt), over gRPC
 ``bare`` is ONNX Runtime alone on the already decoded, resized image at batch 1 and at the
-max batch (the gateway's session settings): what the model can do without HTTP, decoding,
-resizing and encoding. Reported per setup and concurrency: throughput, p50/p95/p99 latency,
-throughput as a share of the bare engine's best, and the gateway's peak RSS (VmHWM; for
-Triton also the server's process tree).
+max batch: what the model can do without HTTP, decoding, resizing and encoding. Reported
+per setup and concurrency: throughput, p50/p95/p99 latency, throughput as a share of the
+bare engine's best, the gateway's peak RSS (VmHWM; for Triton also the server's process
+tree), and the median of each server stage (from the answers' ``Server-Timing``): what is
+left of the latency is HTTP, multipart parsing, JSON and the load generator itself, which
+shares the same cores. With ``--rounds N`` the setups take turns N times and every number
+is the median over the rounds (peak RSS: the maximum), so slow drift of a shared machine
+hits every setup alike.
 
     python bench/serving.py --config demo --concurrency 1 8 32 --out bench/results/serving_demo.json
     python bench/serving.py --quick
@@ -22,22 +28,22 @@ import argparse
 import asyncio
 import io
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
-import torch
-from common import interleaved_medians, markdown_table, ort_call, write_result
+from common import interleaved_medians, markdown_table, ort_call, random_model, write_result
 from PIL import Image
 
-from faar.config import load_config
 from faar.data.scenes import render_scene
 from faar.export import ExportOptions, export_run
-from faar.model import build_model
 from faar.run import save_model
 from faar_serve.engines.onnx import create_session
 from faar_serve.manifest import load_model_spec
@@ -48,13 +54,12 @@ sys.path.insert(0, str(ROOT / "clients"))
 import loadgen  # noqa: E402  (clients/ is a folder of scripts, not a package)
 
 MODEL = "faar"
+SETUPS = ("onnx", "onnx_batching", "onnx_spin_wait", "triton")
 
 
 def export_repository(config: str, dest: Path, max_batch_size: int) -> Path:
     """A real repository from a randomly initialised model of the preset (what faar-export writes)."""
-    torch.manual_seed(0)
-    save_model(build_model(load_config(config, ["model.pretrained=false"]).model, load_weights=False),
-               dest / "run")
+    save_model(random_model(config), dest / "run")
     export_run(dest / "run", dest / "repo", ExportOptions(name=MODEL, version=1, max_batch_size=max_batch_size))
     return dest / "repo"
 
@@ -81,9 +86,10 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def bare_engine(repo: Path, image: bytes, max_batch: int, repeats: int) -> dict[str, float]:
-    """Images/s of ONNX Runtime alone (gateway session options) at batch 1 and at the max batch."""
+    """Images/s of ONNX Runtime alone at batch 1 and at the max batch, with spin-waiting
+    threads: the fastest setting when nothing else runs."""
     spec = load_model_spec(repo, MODEL)
-    session = create_session(spec.onnx_path, "cpu")
+    session = create_session(spec.onnx_path, "cpu", spin_wait=True)
     h, w = spec.height, spec.width
     pixels = np.asarray(Image.open(io.BytesIO(image)).convert("RGB").resize((w, h), Image.Resampling.BILINEAR))
     name = session.get_inputs()[0].name
@@ -130,37 +136,61 @@ def load(url: str, concurrency: int, requests: int, image: bytes) -> dict:
 
 
 def run(config: str, concurrencies: list[int], requests: int, max_batch: int, image_size: tuple[int, int],
-        triton: bool) -> dict:
+        triton: bool, rounds: int, triton_timeout_s: float, only: list[str] | None = None) -> dict:
     image = scene_png(image_size)
     with tempfile.TemporaryDirectory() as tmp:
         repo = export_repository(config, Path(tmp), max_batch)
         bare = bare_engine(repo, image, max_batch, repeats=7)
-        setups: dict[str, tuple[str, ...]] = {"onnx_batching": (), "onnx_no_batching": ("--max-batch-size", "1")}
-        rows = []
+        setups: dict[str, tuple[str, ...]] = {"onnx": (), "onnx_batching": ("--max-batch-size", str(max_batch)),
+                                              "onnx_spin_wait": ("--cpu-spin-wait",)}
+        setups = {k: v for k, v in setups.items() if k in only} if only else setups
+        triton = triton and (not only or "triton" in only)
+        reports: dict[tuple[str, int], list[dict]] = {}
         server = None
         if triton:
             server = LocalTriton(repo)
             server.__enter__()
-            setups["triton"] = ("--engine", "triton", "--triton-url", f"127.0.0.1:{server.grpc_port}")
+            setups["triton"] = ("--engine", "triton", "--triton-url", f"127.0.0.1:{server.grpc_port}",
+                                "--triton-timeout-s", str(triton_timeout_s))
         try:
-            for name, flags in setups.items():
-                gateway = Gateway(repo, *flags)
-                try:
-                    load(gateway.url, 4, 8, image)  # warm-up: sessions, batcher, connections
-                    for concurrency in concurrencies:
-                        report = load(gateway.url, concurrency, max(requests, 2 * concurrency), image)
-                        rows.append({"setup": name, "concurrency": concurrency, **report,
-                                     "share_of_bare": report["throughput_rps"] / max(bare.values()),
-                                     "gateway_peak_rss_mib": peak_rss_mib(gateway.process.pid)})
-                finally:
-                    gateway.close()
+            for _ in range(rounds):
+                for name, flags in setups.items():
+                    gateway = Gateway(repo, *flags)
+                    try:
+                        load(gateway.url, 4, 8, image)  # warm-up: sessions, batcher, connections
+                        for concurrency in concurrencies:
+                            report = load(gateway.url, concurrency, max(requests, 2 * concurrency), image)
+                            report["gateway_peak_rss_mib"] = peak_rss_mib(gateway.process.pid)
+                            reports.setdefault((name, concurrency), []).append(report)
+                    finally:
+                        gateway.close()
             triton_rss = peak_rss_mib(server.process.pid) if server and server.process else None
         finally:
             if server is not None:
                 server.__exit__(None, None, None)
+    rows = [{"setup": name, "concurrency": conc, **summarise(runs, max(bare.values()))}
+            for (name, conc), runs in reports.items()]
     return {"setup": {"config": config, "image": list(image_size), "max_batch": max_batch, "requests": requests,
-                      "concurrency": concurrencies, "cpus": os.cpu_count()},
+                      "concurrency": concurrencies, "rounds": rounds, "triton_timeout_s": triton_timeout_s,
+                      "cpus": os.cpu_count()},
             "bare_images_per_s": bare, "triton_peak_rss_mib": triton_rss, "rows": rows}
+
+
+def summarise(runs: list[dict], bare_best: float) -> dict:
+    """One row from a setup's rounds: medians, the worst peak RSS, every error counted."""
+    def med(get: Callable[[dict], float]) -> float:
+        return round(statistics.median(get(r) for r in runs), 2)
+
+    throughput = med(lambda r: r["throughput_rps"])
+    return {"throughput_rps": throughput, "share_of_bare": throughput / bare_best,
+            "throughput_by_round": [r["throughput_rps"] for r in runs],
+            "latency_ms": {q: med(lambda r, q=q: r["latency_ms"][q]) for q in runs[0]["latency_ms"]},
+            "server_stage_p50_ms": {k: med(lambda r, k=k: r["server_stage_p50_ms"].get(k, float("nan")))
+                                    for k in runs[0]["server_stage_p50_ms"]},
+            "errors": sum(r["errors"] for r in runs), "ok": sum(r["ok"] for r in runs),
+            "by_status": dict(sum((Counter(r["by_status"]) for r in runs), Counter())),
+            "requests": sum(r["requests"] for r in runs),
+            "gateway_peak_rss_mib": max(r["gateway_peak_rss_mib"] for r in runs)}
 
 
 def print_table(result: dict) -> None:
@@ -168,10 +198,14 @@ def print_table(result: dict) -> None:
     print(f"bare engine images/s: {result['bare_images_per_s']}; triton server peak RSS: "
           f"{result['triton_peak_rss_mib']} MiB")
     print(markdown_table(["setup", "conc.", "req/s", "x bare best", "p50 ms", "p95 ms", "p99 ms", "errors",
-                          "gateway peak RSS MiB"],
+                          "gateway peak RSS MiB", "server p50 ms decode/queue/infer/encode"],
                          [[r["setup"], r["concurrency"], r["throughput_rps"], r["share_of_bare"],
                            r["latency_ms"]["p50"], r["latency_ms"]["p95"], r["latency_ms"]["p99"], r["errors"],
-                           r["gateway_peak_rss_mib"]] for r in result["rows"]]))
+                           r["gateway_peak_rss_mib"], stages(r["server_stage_p50_ms"])] for r in result["rows"]]))
+
+
+def stages(p50: dict[str, float]) -> str:
+    return " / ".join(f"{p50.get(k, float('nan')):.1f}" for k in ("decode", "queue", "inference", "encode"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,12 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--image", type=int, nargs=2, default=[240, 320], metavar=("H", "W"))
     parser.add_argument("--no-triton", dest="triton", action="store_false")
+    parser.add_argument("--setups", nargs="+", choices=SETUPS, help="run only these (default: all)")
+    parser.add_argument("--rounds", type=int, default=1, help="setups take turns this often; medians reported")
+    parser.add_argument("--triton-timeout-s", type=float, default=120.0,
+                        help="the gateway's deadline for Triton calls; default: the load generator's own "
+                        "patience, as the embedded engine has no deadline")
     parser.add_argument("--quick", action="store_true", help="the tiny preset, few requests")
     parser.add_argument("--out", type=Path, default=Path("bench/results/serving.json"))
     args = parser.parse_args(argv)
     if args.quick:
         args.config, args.concurrency, args.requests = "tiny", [1, 4], 8
-    result = run(args.config, args.concurrency, args.requests, args.max_batch, tuple(args.image), args.triton)
+    result = run(args.config, args.concurrency, args.requests, args.max_batch, tuple(args.image), args.triton,
+                 args.rounds, args.triton_timeout_s, args.setups)
     print_table(result)
     write_result(args.out, result)
     return 0 if all(r["errors"] == 0 for r in result["rows"]) else 1

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from common import eager_call, interleaved_medians, markdown_table, ort_call, wr
 from torch import nn
 
 from faar.config import load_config
+from faar.export import torch_to_onnx
 from faar.model import build_model
 from faar.spectral import FFTBackend, TaskSpectralBlock
 
@@ -55,15 +55,8 @@ def random_block(tasks: int, channels: int, size: tuple[int, int], backend: FFTB
 
 def ort_session(module: StackedBlock, example: torch.Tensor, path: Path, threads: int) -> ort.InferenceSession:
     """Export as faar-export does (dynamo for torch.fft -> DFT, TorchScript for matmul), then load."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if module.block.dft.backend == "torch":
-            torch.onnx.export(module, (example,), path, dynamo=True, optimize=False, opset_version=18,
-                              input_names=["x"], output_names=["y"], external_data=False,
-                              dynamic_shapes={"x": {1: torch.export.Dim("batch", min=1)}})
-        else:
-            torch.onnx.export(module, (example,), path, dynamo=False, opset_version=18, input_names=["x"],
-                              output_names=["y"], dynamic_axes={"x": {1: "batch"}, "y": {1: "batch"}})
+    exporter = "dynamo" if module.block.dft.backend == "torch" else "torchscript"
+    torch_to_onnx(module, example, path, exporter, 18, "x", ["y"], batch_dim=1)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

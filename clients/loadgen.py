@@ -2,9 +2,11 @@
 
     python clients/loadgen.py --url http://127.0.0.1:8080 --concurrency 16 --requests 200 [--image photo.jpg]
 
-Reports throughput, latency percentiles (p50/p95/p99 over every answer, errors included)
-and the error count by status. Bounded by construction: exactly M requests, each with a
-timeout, against localhost only (it is a measuring tool, not a way to flood others).
+Reports throughput, latency percentiles (p50/p95/p99 over every answer, errors included),
+the error count by status, and the median of each server stage from the answers'
+``Server-Timing`` header (decode, queue, inference, encode), which says where the time goes.
+Bounded by construction: exactly M requests, each with a timeout, against localhost only
+(it is a measuring tool, not a way to flood others).
 Without ``--image`` it sends a generated 640x480 PNG.
 """
 
@@ -46,6 +48,7 @@ async def run(url: str, concurrency: int, requests: int, payload: bytes, params:
               headers: dict[str, str], timeout_s: float) -> dict[str, Any]:
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
+    stages: dict[str, list[float]] = {}
     remaining = iter(range(requests))
 
     async def worker(http: httpx.AsyncClient) -> None:
@@ -55,6 +58,8 @@ async def run(url: str, concurrency: int, requests: int, payload: bytes, params:
                 files = {"image": ("load.png", payload)}
                 response = await http.post("/v1/predict", params=params, files=files)
                 statuses[str(response.status_code)] += 1
+                for stage, ms in server_timing(response.headers.get("server-timing", "")).items():
+                    stages.setdefault(stage, []).append(ms)
             except httpx.HTTPError as exc:
                 statuses[type(exc).__name__] += 1
             latencies.append((time.perf_counter() - t0) * 1000)
@@ -70,7 +75,23 @@ async def run(url: str, concurrency: int, requests: int, payload: bytes, params:
         "throughput_rps": round(ok / elapsed, 2), "ok": ok, "errors": requests - ok,
         "by_status": dict(statuses),
         "latency_ms": {f"p{q}": round(percentile(latencies, q), 2) for q in (50, 95, 99)},
+        "server_stage_p50_ms": {k: round(percentile(v, 50), 2) for k, v in stages.items()},
     }
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """``decode;dur=1.2, queue;dur=0.1`` -> {"decode": 1.2, "queue": 0.1}; unparsable entries skipped."""
+    out = {}
+    for entry in header.split(","):
+        name, _, params = entry.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "dur":
+                try:
+                    out[name] = float(value)
+                except ValueError:
+                    pass
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         lat = report["latency_ms"]
         print(f"{report['requests']} requests, concurrency {report['concurrency']}, {report['seconds']} s: "
               f"{report['throughput_rps']} ok/s; latency p50 {lat['p50']} ms, p95 {lat['p95']} ms, "
-              f"p99 {lat['p99']} ms; errors {report['errors']} {report['by_status']}")
+              f"p99 {lat['p99']} ms; errors {report['errors']} {report['by_status']}; server stages p50 (ms) "
+              f"{report['server_stage_p50_ms']}")
     return 0 if report["errors"] == 0 else 1
 
 

@@ -311,20 +311,25 @@ def export_onnx(module: ExportWrapper, path: str | os.PathLike, opset: int | Non
 
 def _torch_export(module: ExportWrapper, path: Path, exporter: Exporter, opset: int) -> None:
     h, w, _ = module.inputs[0].dims
-    example = (torch.zeros(2, h, w, 3, dtype=torch.uint8),)  # batch 2: no 0/1 specialisation
-    names = [o.name for o in module.outputs]
+    example = torch.zeros(2, h, w, 3, dtype=torch.uint8)  # batch 2: no 0/1 specialisation
+    torch_to_onnx(module, example, path, exporter, opset, INPUT_NAME, [o.name for o in module.outputs])
+
+
+def torch_to_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, exporter: Exporter, opset: int,
+                  input_name: str, output_names: list[str], batch_dim: int = 0) -> None:
+    """One-input ``module`` to ONNX with a dynamic batch axis ``batch_dim``, by either exporter."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter, not actionable here
         if exporter == "dynamo":
             # optimize=False: onnxscript's rewrite rules take minutes here; the basic pass does the cleanup
-            torch.onnx.export(module, example, path, dynamo=True, optimize=False, verbose=False,
-                              opset_version=opset, input_names=[INPUT_NAME], output_names=names,
-                              dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch", min=1)}},
+            torch.onnx.export(module, (example,), path, dynamo=True, optimize=False, verbose=False,
+                              opset_version=opset, input_names=[input_name], output_names=output_names,
+                              dynamic_shapes={input_name: {batch_dim: torch.export.Dim("batch", min=1)}},
                               external_data=False)
         else:
-            torch.onnx.export(module, example, path, dynamo=False, opset_version=opset,
-                              input_names=[INPUT_NAME], output_names=names,
-                              dynamic_axes={n: {0: "batch"} for n in [INPUT_NAME, *names]})
+            torch.onnx.export(module, (example,), path, dynamo=False, opset_version=opset,
+                              input_names=[input_name], output_names=output_names,
+                              dynamic_axes={n: {batch_dim: "batch"} for n in [input_name, *output_names]})
 
 
 def _prune_opset_imports(proto: onnx.ModelProto) -> None:
@@ -466,6 +471,8 @@ def config_pbtxt(name: str, inputs: Sequence[TensorSpec], outputs: Sequence[Tens
         "dynamic_batching {",
         f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]" if preferred else "",
         f"  max_queue_delay_microseconds: {QUEUE_DELAY_US}",
+        "  # requests carry the gateway's deadline; one still queued past it is dropped, not run",
+        "  default_queue_policy { timeout_action: REJECT allow_timeout_override: true }",
         "}",
         "instance_group [",
         "  {",

@@ -103,6 +103,7 @@ class Admission:
     def __init__(self, limit: int, metrics: Metrics, retry_after_s: int) -> None:
         self.limit = limit
         self.used = 0
+        self.upstream = 0  # images admitted and not yet handed to the engine (being read or decoded)
         self.metrics = metrics
         self.retry_after_s = retry_after_s
 
@@ -119,6 +120,15 @@ class Admission:
         finally:
             self.used -= images
             self.metrics.queue_depth.set(self.used)
+
+    @contextlib.contextmanager
+    def before_engine(self, images: int) -> Iterator[None]:
+        """Counts ``images`` as on their way to the engine, so its batcher knows whom to wait for."""
+        self.upstream += images
+        try:
+            yield
+        finally:
+            self.upstream -= images
 
 
 @dataclass
@@ -145,8 +155,9 @@ class Gateway:
         self.spec: ModelSpec = load_model_spec(settings.model_repository, settings.model,
                                                settings.model_version)
         self.metrics = Metrics()
-        self.engine: Engine = create_engine(settings, self.spec, self.metrics.batch_size.observe)
         self.admission = Admission(settings.max_queue, self.metrics, settings.retry_after_s)
+        self.engine: Engine = create_engine(settings, self.spec, lambda: self.admission.upstream,
+                                            self.metrics.batch_size.observe)
 
     def tasks(self, names: str | None) -> list[str]:
         try:
@@ -177,10 +188,11 @@ class Gateway:
     async def predict(self, uploads: list[UploadFile], tasks: list[str], fmt: str) -> list[Rendered]:
         """Admit, decode, infer in one engine call, render: one ``Rendered`` per upload, in order."""
         with self.admission.slot(len(uploads)):
-            payloads = [await upload.read() for upload in uploads]
-            batch = len(uploads) > 1  # errors name the image only where there are several
-            where = [f"image {i} ({u.filename!r}): " if batch else "" for i, u in enumerate(uploads)]
-            decoded = await asyncio.gather(*map(self._decode, payloads, where))
+            with self.admission.before_engine(len(uploads)):
+                payloads = [await upload.read() for upload in uploads]
+                batch = len(uploads) > 1  # errors name the image only where there are several
+                where = [f"image {i} ({u.filename!r}): " if batch else "" for i, u in enumerate(uploads)]
+                decoded = await asyncio.gather(*map(self._decode, payloads, where))
             result = await self.engine.infer(np.stack([d.pixels for d in decoded]))
             return list(await asyncio.gather(*(run_in_threadpool(self.render, result, i, d, tasks, fmt)
                                                for i, d in enumerate(decoded))))

@@ -31,6 +31,8 @@ def _settings_parser() -> argparse.ArgumentParser:
             options["choices"] = typing.get_args(field.annotation)
         if typing.get_origin(field.annotation) is list:
             options["nargs"] = "+"
+        if field.annotation is bool:
+            options["action"] = argparse.BooleanOptionalAction  # --flag / --no-flag
         parser.add_argument("--" + name.replace("_", "-"), **options)
     return parser
 

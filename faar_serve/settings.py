@@ -30,9 +30,13 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in a container)")
     port: int = Field(8080, ge=0, le=65535, description="port to bind")
     max_batch_size: int | None = Field(
-        None, ge=1, description="images per engine call; default: max_batch_size of config.pbtxt")
+        None, ge=1, description="images per engine call; default: config.pbtxt's max_batch_size, except 1 for "
+        "the onnx engine on the CPU, where batches add latency and memory but no throughput")
     max_queue_delay_ms: float = Field(
         5.0, ge=0, description="onnx engine: how long the first image of a batch waits for company")
+    cpu_spin_wait: bool = Field(
+        False, description="onnx engine on CPU: ONNX Runtime threads busy-wait between operators; lower "
+        "latency when idle, less throughput under load (they take the cores that decode and encode)")
     max_queue: int = Field(64, ge=1, description="images in the gateway at once (decode to encode); then 503")
     max_batch_images: int = Field(16, ge=1, description="images per /v1/predict/batch (max_queue at most)")
     max_upload_bytes: int = Field(32 * MiB, ge=1, description="request body limit, checked while streaming")

@@ -26,6 +26,9 @@ def test_adapter_cost_quick(tmp_path: Path) -> None:
     assert {"floor", "single", "merged", "merged_after_shrink"} <= set(result["inference_s"])
     assert result["ratio_to_floor"]["floor"] == 1.0
     assert set(result["train_step_s"]) == {"fused_r8", "fused_r2", "unmerged_r8", "unmerged_r2"}
+    flops = result["gflop_per_image"]
+    assert flops["merged"] == flops["floor"] == flops["merged_after_shrink"] < flops["unmerged_r8"]
+    assert all(m["activations"] > 0 and m["trainable"] > 0 for m in result["train_memory_mib"].values())
     assert "x floor" in stdout
 
 
@@ -50,7 +53,8 @@ def test_engine_quick(tmp_path: Path) -> None:
 
 def test_serving_quick(tmp_path: Path) -> None:
     result, stdout = run_quick("serving", tmp_path)
-    assert {r["setup"] for r in result["rows"]} == {"onnx_batching", "onnx_no_batching", "triton"}
+    assert {r["setup"] for r in result["rows"]} == {"onnx", "onnx_batching", "onnx_spin_wait", "triton"}
+    assert all(set(r["server_stage_p50_ms"]) == {"decode", "queue", "inference", "encode"} for r in result["rows"])
     assert all(r["errors"] == 0 and r["ok"] == r["requests"] for r in result["rows"])
     assert all(r["gateway_peak_rss_mib"] > 0 for r in result["rows"])
     assert set(result["bare_images_per_s"]) == {"b1", "b8"}

@@ -165,6 +165,8 @@ def test_config_pbtxt_parses_with_triton_schema_and_matches_the_graph(exported, 
     assert cfg.version_policy.latest.num_versions == 1
     assert list(cfg.dynamic_batching.preferred_batch_size) == [2, 4, 8]
     assert cfg.dynamic_batching.max_queue_delay_microseconds > 0
+    policy = cfg.dynamic_batching.default_queue_policy  # past the caller's deadline: dropped, not run
+    assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT and policy.allow_timeout_override
     assert [g.kind for g in cfg.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
     (warmup,) = cfg.model_warmup
     assert warmup.inputs["image"].zero_data and list(warmup.inputs["image"].dims) == [64, 64, 3]

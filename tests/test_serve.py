@@ -37,6 +37,7 @@ from test_serve_support import (
 
 from faar_serve.app import create_app
 from faar_serve.cli import load_settings
+from faar_serve.engines import EngineResult
 from faar_serve.manifest import ManifestError
 
 ALL_TASKS = ["semseg", "human_parts", "saliency", "normals", "depth", "edge"]
@@ -252,7 +253,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_maps(repo: Path) 
     cropped = [w["depth"][:48, :64] for w in wants]
     # Precondition: the maps of distinct images differ, so a mix-up could not pass unnoticed.
     assert min(np.abs(a - b).max() for i, a in enumerate(cropped) for b in cropped[i + 1:]) > 1e-3
-    app = create_app(settings(repo, max_queue_delay_ms=50))
+    app = create_app(settings(repo, max_batch_size=8, max_queue_delay_ms=50))  # CPU default: 1
     with LiveServer(app) as server:
         responses = asyncio.run(_post_many(server.url, [encode(a) for a in images], {"format": "npz"}))
         metrics = httpx.get(server.url + "/metrics").text
@@ -265,9 +266,36 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_maps(repo: Path) 
     assert 'faar_requests_total{method="POST",route="/v1/predict",status="200"} 24.0' in metrics
 
 
+def test_on_the_cpu_the_embedded_engine_runs_one_image_per_call_by_default(repo: Path) -> None:
+    app = create_app(settings(repo, max_queue_delay_ms=50))
+    with LiveServer(app) as server:
+        responses = asyncio.run(_post_many(server.url, [encode(image(300 + i)) for i in range(6)], {}))
+    assert [r.status_code for r in responses] == [200] * 6
+    samples = {s.name: s.value for s in app.state.gateway.metrics.batch_size.collect()[0].samples
+               if s.name.endswith(("_count", "_sum"))}
+    assert sorted(samples.values()) == [6.0, 6.0], samples  # six calls of one image each
+
+
+def test_a_lone_request_does_not_wait_for_the_batch_window(repo: Path) -> None:
+    # With nobody else in the gateway, waiting 2 s for company would only add latency.
+    app = create_app(settings(repo, max_batch_size=8, max_queue_delay_ms=2000))
+    with TestClient(app) as c:
+        r = c.post("/v1/predict", files=post_image(encode(image(7))))
+    assert r.status_code == 200, r.text
+    assert r.json()["timings_ms"]["queue"] < 500
+
+
 def test_overload_answers_503_with_retry_after_and_recovers(repo: Path) -> None:
-    # The batch window (1 s) keeps the two admitted images in the gateway while the rest arrive.
-    app = create_app(settings(repo, max_queue=2, max_queue_delay_ms=1000, retry_after_s=2))
+    # An engine slowed by 1 s keeps the two admitted images in the gateway while the rest arrive.
+    app = create_app(settings(repo, max_queue=2, retry_after_s=2))
+    engine = app.state.gateway.engine
+    infer = engine.infer
+
+    async def slow_infer(batch: np.ndarray) -> EngineResult:
+        await asyncio.sleep(1)
+        return await infer(batch)
+
+    engine.infer = slow_infer
     with LiveServer(app) as server:
         responses = asyncio.run(_post_many(server.url, [encode(image(200 + i)) for i in range(6)], {}))
         statuses = sorted(r.status_code for r in responses)
@@ -321,8 +349,10 @@ def test_settings_from_flags_and_environment(repo: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("FAAR_MAX_QUEUE", "12")
     monkeypatch.setenv("FAAR_ENGINE", "triton")
     monkeypatch.setenv("FAAR_CORS_ORIGINS", '["https://a.example"]')
-    s = load_settings(["--model-repository", str(repo), "--engine", "onnx", "--max-batch-size", "4"])
+    s = load_settings(["--model-repository", str(repo), "--engine", "onnx", "--max-batch-size", "4",
+                       "--cpu-spin-wait"])
     assert (s.max_queue, s.engine, s.max_batch_size, s.cors_origins) == (12, "onnx", 4, ["https://a.example"])
+    assert s.cpu_spin_wait and not load_settings(["--model-repository", str(repo)]).cpu_spin_wait
     with pytest.raises(SystemExit, match="max_queue"):
         load_settings(["--model-repository", str(repo), "--max-queue", "0"])
     with pytest.raises(SystemExit):

@@ -61,6 +61,9 @@ def test_loadgen_reports_throughput_percentiles_and_errors(gateway: LiveServer) 
     assert counts == (12, 12, 0, {"200": 12})
     assert report["throughput_rps"] > 0
     assert 0 < report["latency_ms"]["p50"] <= report["latency_ms"]["p95"] <= report["latency_ms"]["p99"]
+    stages = report["server_stage_p50_ms"]
+    assert set(stages) == {"decode", "queue", "inference", "encode"}
+    assert 0 < stages["inference"] < report["latency_ms"]["p99"]
 
 
 def test_loadgen_counts_errors_and_stays_on_localhost(gateway: LiveServer, tmp_path: Path) -> None:

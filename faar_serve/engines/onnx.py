@@ -2,7 +2,9 @@
 
 Concurrent requests are gathered image by image into one ``session.run`` of up to
 ``max_batch_size`` images: the first waiting image holds the batch open for at most
-``max_queue_delay_ms``; images that queued while the previous batch ran go at once. Runs
+``max_queue_delay_ms``, but only while more images are on their way (admitted by the
+gateway, still being read or decoded): a lone request never waits for company that cannot
+come. Images that queued while the previous batch ran go at once. Runs
 happen one at a time on a dedicated worker thread (ONNX Runtime already uses every core
 for one run), so the event loop never blocks. Each image keeps its own future, so results
 go back to the request that sent them, whatever the batch composition.
@@ -45,13 +47,18 @@ def providers_for(device: str) -> list[Any]:
     return [(CUDA, {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC"}), CPU]
 
 
-def create_session(path: Path, device: str) -> ort.InferenceSession:
+def create_session(path: Path, device: str, spin_wait: bool = False) -> ort.InferenceSession:
+    """A session with the best measured settings (bench/RESULTS.md): every graph optimisation,
+    intra-op threads = cores, sequential execution. ``spin_wait`` lets the CPU threads
+    busy-wait between operators: faster alone, but in the gateway they take the cores that
+    decode and encode other requests, which costs 10-30 % of throughput under load."""
     providers = providers_for(device)
     wanted_cuda = providers[0] != CPU
     if wanted_cuda:
         ort.preload_dlls()  # CUDA/cuDNN of the nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]) or the system
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
     session = ort.InferenceSession(str(path), options, providers=providers)
     if wanted_cuda and CUDA not in session.get_providers():
         # onnxruntime-gpu silently falls back to the CPU when CUDA/cuDNN libraries are missing.
@@ -71,11 +78,12 @@ class _Item:
 class MicroBatcher:
     """Gathers single images into batches for ``run`` (a blocking function, called on one thread)."""
 
-    def __init__(self, run: RunFn, max_batch_size: int, max_delay_s: float,
+    def __init__(self, run: RunFn, max_batch_size: int, max_delay_s: float, upstream: Callable[[], int],
                  observe_batch: BatchObserver | None = None) -> None:
         self.run = run
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
+        self.upstream = upstream  # images on their way to submit(); 0: nobody to wait for
         self.observe_batch = observe_batch
         self._pending: deque[_Item] = deque()
         self._arrived = asyncio.Event()
@@ -110,7 +118,7 @@ class MicroBatcher:
         while not self._pending:
             await self._wait_arrival(None)
         deadline = self._pending[0].enqueued + self.max_delay_s
-        while len(self._pending) < self.max_batch_size:
+        while len(self._pending) < self.max_batch_size and self.upstream() > 0:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not await self._wait_arrival(remaining):
                 break
@@ -154,22 +162,33 @@ class OnnxEngine(Engine):
     name = "onnx"
 
     def __init__(self, onnx_path: Path, input_name: str, output_names: list[str], device: str,
-                 max_batch_size: int, max_queue_delay_ms: float,
+                 max_batch_size: int | None, gpu_max_batch_size: int, max_queue_delay_ms: float,
+                 upstream: Callable[[], int], spin_wait: bool = False,
                  observe_batch: BatchObserver | None = None) -> None:
         self.onnx_path = onnx_path
         self.input_name = input_name
         self.output_names = output_names
         self.device = device
-        self.max_batch_size = max_batch_size
+        self.requested_batch_size = max_batch_size
+        self.gpu_max_batch_size = gpu_max_batch_size
+        self.max_batch_size = max_batch_size or 1
         self.max_delay_s = max_queue_delay_ms / 1000
+        self.upstream = upstream
+        self.spin_wait = spin_wait
         self.observe_batch = observe_batch
         self.session: ort.InferenceSession | None = None
         self.batcher: MicroBatcher | None = None
 
     async def start(self) -> None:
-        self.session = await asyncio.to_thread(create_session, self.onnx_path, self.device)
-        log.info("onnx engine: %s on %s", self.onnx_path, self.session.get_providers())
-        self.batcher = MicroBatcher(self._run, self.max_batch_size, self.max_delay_s, self.observe_batch)
+        self.session = await asyncio.to_thread(create_session, self.onnx_path, self.device, self.spin_wait)
+        on_cpu = self.session.get_providers()[0] == CPU
+        # Batching fills a GPU; on the CPU one image already uses every core, so batches add
+        # latency and memory but no throughput (bench/RESULTS.md, serving): 1 unless asked.
+        self.max_batch_size = self.requested_batch_size or (1 if on_cpu else self.gpu_max_batch_size)
+        log.info("onnx engine: %s on %s, batches of up to %d", self.onnx_path, self.session.get_providers(),
+                 self.max_batch_size)
+        self.batcher = MicroBatcher(self._run, self.max_batch_size, self.max_delay_s, self.upstream,
+                                    self.observe_batch)
         self.batcher.start()
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:

@@ -98,8 +98,11 @@ class TritonEngine(Engine):
         outputs = [self.api.InferRequestedOutput(name) for name in self.output_names]
         if self.observe_batch:
             self.observe_batch(len(chunk))
+        # ``timeout`` (µs) goes to Triton's queue policy (config.pbtxt: REJECT, override allowed):
+        # a request still queued when its caller has given up is dropped, not computed. Without
+        # it an overloaded server spends its time on answers nobody waits for.
         result = await self._call(self.client.infer(self.model, [image], self.version, outputs=outputs,
-                                                            **self.deadline))
+                                                    timeout=int(self.timeout_s * 1e6), **self.deadline))
         return {name: result.as_numpy(name) for name in self.output_names}
 
     async def infer(self, batch: np.ndarray) -> EngineResult:
