@@ -63,8 +63,7 @@ def train_memory_mib(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float
     del out
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     mib = 2.0 ** 20
-    return {"activations": sum(saved.values()) / mib, "trainable": 4 * trainable / mib,
-            "total": (sum(saved.values()) + 4 * trainable) / mib}
+    return {"activations": sum(saved.values()) / mib, "trainable": 4 * trainable / mib}
 
 
 def run(config: str, batch: int, shrunk: int, repeats: int, warmup: int, train: bool) -> dict:

@@ -32,17 +32,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import numpy as np
 from common import interleaved_medians, markdown_table, ort_call, random_model, write_result
 from PIL import Image
 
 from faar.data.scenes import render_scene
+from faar.demo import wait_ready
 from faar.export import ExportOptions, export_run
 from faar.run import save_model
 from faar_serve.engines.onnx import create_session
@@ -108,19 +107,12 @@ class Gateway:
                "--log-level", "warning", "--max-queue", "256", *flags]
         self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"gateway exited: {self.log.read().decode()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.close()
-        raise RuntimeError("gateway not ready within 120 s")
+        try:
+            wait_ready(self.url, self.process)
+        except (RuntimeError, TimeoutError) as exc:
+            self.close()
+            self.log.seek(0)
+            raise RuntimeError(f"{exc}: {self.log.read().decode()[-2000:]}") from exc
 
     def close(self) -> None:
         self.process.terminate()

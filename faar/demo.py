@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from faar_serve.triton_local import free_port
+
 from .config import load_config
 from .data.scenes import render_scene
 from .export import ExportOptions, export_run
@@ -33,12 +34,6 @@ from .train import train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCENE_SEED = 2026  # not one of the training or validation scenes (those use derived seeds)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:

@@ -51,7 +51,8 @@ def create_session(path: Path, device: str, spin_wait: bool = False) -> ort.Infe
     """A session with the best measured settings (bench/RESULTS.md): every graph optimisation,
     intra-op threads = cores, sequential execution. ``spin_wait`` lets the CPU threads
     busy-wait between operators: faster alone, but in the gateway they take the cores that
-    decode and encode other requests, which costs 10-30 % of throughput under load."""
+    decode and encode other requests (15-27 % of throughput under load for a small model,
+    no clear difference for Swin-T)."""
     providers = providers_for(device)
     wanted_cuda = providers[0] != CPU
     if wanted_cuda:
@@ -171,7 +172,6 @@ class OnnxEngine(Engine):
         self.device = device
         self.requested_batch_size = max_batch_size
         self.gpu_max_batch_size = gpu_max_batch_size
-        self.max_batch_size = max_batch_size or 1
         self.max_delay_s = max_queue_delay_ms / 1000
         self.upstream = upstream
         self.spin_wait = spin_wait
@@ -184,11 +184,10 @@ class OnnxEngine(Engine):
         on_cpu = self.session.get_providers()[0] == CPU
         # Batching fills a GPU; on the CPU one image already uses every core, so batches add
         # latency and memory but no throughput (bench/RESULTS.md, serving): 1 unless asked.
-        self.max_batch_size = self.requested_batch_size or (1 if on_cpu else self.gpu_max_batch_size)
+        max_batch_size = self.requested_batch_size or (1 if on_cpu else self.gpu_max_batch_size)
         log.info("onnx engine: %s on %s, batches of up to %d", self.onnx_path, self.session.get_providers(),
-                 self.max_batch_size)
-        self.batcher = MicroBatcher(self._run, self.max_batch_size, self.max_delay_s, self.upstream,
-                                    self.observe_batch)
+                 max_batch_size)
+        self.batcher = MicroBatcher(self._run, max_batch_size, self.max_delay_s, self.upstream, self.observe_batch)
         self.batcher.start()
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
