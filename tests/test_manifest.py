@@ -95,8 +95,10 @@ def test_unreadable_files_are_named(tmp_path: Path) -> None:
         load_manifest(tmp_path / "bad.json")
 
 
-def test_every_kind_has_a_model() -> None:
-    assert KINDS == ("labels", "probability", "normals", "depth")
+def test_every_kind_faar_defines_has_a_schema_model() -> None:
+    from faar.tasks import KINDS as FAAR_KINDS
+
+    assert set(KINDS) == set(FAAR_KINDS) == {"labels", "probability", "normals", "depth"}
 
 
 @pytest.mark.parametrize("requested, model, cpu, size", [

@@ -47,10 +47,10 @@ from .options import (
 )
 from .parity import TOLERANCES, Tolerance, check_parity, parity_batches
 from .triton import check_destination, config_pbtxt, install, write_config_pbtxt
-from .wrapper import INPUT_NAME, MAX_CLASSES, ExportWrapper, TensorSpec, build_export_module, input_spec, output_specs
+from .wrapper import INPUT_NAME, ExportWrapper, TensorSpec, build_export_module, input_spec, output_specs
 
 __all__ = [
-    "DEFAULT_OPSET", "FFT_BACKENDS", "INPUT_NAME", "MAX_CLASSES", "MIN_OPSET", "TOLERANCES", "DeviceKind",
+    "DEFAULT_OPSET", "FFT_BACKENDS", "INPUT_NAME", "MIN_OPSET", "TOLERANCES", "DeviceKind",
     "ExportError", "ExportOptions", "ExportResult", "ExportWrapper", "Exporter", "ExporterChoice", "TensorSpec",
     "Tolerance", "assert_no_training_ops", "build_export_module", "check_parity", "config_pbtxt", "export_onnx",
     "export_run", "input_spec", "output_specs", "parity_batches", "resolve_exporter", "sha256_file",

@@ -26,7 +26,7 @@ from .. import __version__
 from ..adapters import adapters_of
 from ..model import IMAGENET_MEAN, IMAGENET_STD, FAARModel, parameter_summary
 from ..run import MODEL_FILE
-from ..tasks import TaskSpec, palette
+from ..tasks import TaskSpec
 from .options import ExportError, ExportOptions
 from .wrapper import ExportWrapper, TensorSpec
 
@@ -58,18 +58,8 @@ def _ranks(model: FAARModel) -> dict[str, Any]:
 
 
 def _task_entry(spec: TaskSpec, outputs: Sequence[TensorSpec]) -> dict[str, Any]:
-    entry: dict[str, Any] = {"kind": spec.kind, "description": spec.description, "channels": spec.channels,
-                             "outputs": [o.name for o in outputs if o.task == spec.name]}
-    if spec.kind == "labels":
-        entry["classes"] = list(spec.classes)
-        entry["palette"] = palette(spec.channels)
-    elif spec.kind == "normals":
-        entry["convention"] = spec.description
-    elif spec.kind == "depth":
-        entry["units"] = spec.units
-    else:
-        entry["range"] = [0.0, 1.0]
-    return entry
+    return {"kind": spec.kind, "description": spec.description, "channels": spec.channels,
+            "outputs": [o.name for o in outputs if o.task == spec.name], **spec.rules.manifest_fields(spec)}
 
 
 def _input_entry(spec: TensorSpec) -> dict[str, Any]:

@@ -5,9 +5,10 @@ Decisions:
 * The graph takes what clients have: uint8 RGB pixels ``[B, H, W, 3]``; the cast and the
   ImageNet normalisation run inside it. H and W are fixed at export (the spectral filters
   are shaped to one feature size), the batch axis is dynamic.
-* Outputs are post-processed in the graph by the task registry's own ``postprocess`` /
-  ``activate`` inside ``ExportWrapper``, so PyTorch and ONNX run the same code: label maps
-  as uint8 class indices, probabilities, unit normals and metric depth as float32.
+* Outputs are laid out and post-processed in the graph by each task's kind
+  (``faar.tasks.TaskKind.outputs`` / ``export_maps``), so PyTorch and ONNX run the same
+  code: label maps as uint8 class indices (255 classes at most), probabilities, unit
+  normals and metric depth as float32, class probabilities on request.
 * The parity reference (unmerged model) and the exported graph (merged model) are both
   this wrapper, so the gate compares exactly what merging and export change.
 """
@@ -25,8 +26,6 @@ from ..tasks import TaskSpec
 from .options import ExportError
 
 INPUT_NAME = "image"
-# Label maps are uint8 and 255 is the datasets' "ignore" label, so 255 classes at most.
-MAX_CLASSES = 255
 
 
 @dataclass(frozen=True)
@@ -50,26 +49,16 @@ def input_spec(size: tuple[int, int]) -> TensorSpec:
 
 
 def output_specs(tasks: dict[str, TaskSpec], size: tuple[int, int], probabilities: bool) -> list[TensorSpec]:
-    """The graph's outputs, one per task (plus class probabilities on request), named after it."""
+    """The graph's outputs, in task order, each task's as its kind lays them out (``TaskKind.outputs``)."""
     h, w = size
     out = []
     for name, spec in tasks.items():
-        if spec.kind == "labels":
-            if spec.channels > MAX_CLASSES:
-                raise ExportError(f"task {name!r} has {spec.channels} classes; uint8 label maps hold at most "
-                                  f"{MAX_CLASSES} (255 is the ignore label)")
-            out.append(TensorSpec(name, "uint8", (h, w), name, "labels", "class index per pixel (argmax)"))
-            if probabilities:
-                out.append(TensorSpec(f"{name}_probs", "float32", (spec.channels, h, w), name, "probs",
-                                      "class probabilities, softmax over axis 1"))
-        elif spec.kind == "normals":
-            out.append(TensorSpec(name, "float32", (spec.channels, h, w), name, "map",
-                                  f"{spec.description}; (x, y, z) along axis 1"))
-        elif spec.channels == 1:
-            unit = f" in {spec.units}" if spec.units else " in [0, 1]"
-            out.append(TensorSpec(name, "float32", (h, w), name, "map", spec.description + unit))
-        else:
-            raise ExportError(f"task {name!r} ({spec.kind}, {spec.channels} channels) has no export layout")
+        try:
+            layouts = spec.rules.outputs(spec, probabilities)
+        except ValueError as exc:  # a task the kind cannot export (e.g. too many classes for uint8)
+            raise ExportError(str(exc)) from exc
+        out += [TensorSpec(name + o.suffix, o.dtype, (h, w) if o.channels is None else (o.channels, h, w),
+                           name, o.role, o.meaning) for o in layouts]
     return out
 
 
@@ -79,6 +68,7 @@ class ExportWrapper(nn.Module):
     def __init__(self, model: FAARModel, probabilities: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.probabilities = probabilities
         size = model.img_size
         self.inputs = [input_spec(size)]
         self.outputs = output_specs(model.tasks, size, probabilities)
@@ -89,15 +79,8 @@ class ExportWrapper(nn.Module):
         x = (image.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
         raw = self.model(x)
         maps = []
-        for out in self.outputs:
-            spec, y = self.model.tasks[out.task], raw[out.task]
-            if out.role == "labels":
-                maps.append(spec.postprocess(y).to(torch.uint8))
-            elif out.role == "probs":
-                maps.append(spec.activate(y))
-            else:
-                y = spec.postprocess(y)
-                maps.append(y[:, 0] if spec.channels == 1 else y)
+        for name, spec in self.model.tasks.items():
+            maps += spec.rules.export_maps(spec, raw[name], self.probabilities)
         return tuple(maps)
 
 
