@@ -1,15 +1,19 @@
 """The FastAPI gateway: ``create_app(settings)`` builds the parts and wires them together.
 
-Request path: metrics (outermost: counts every answer) -> CORS (if configured) -> body
-limit (while streaming) -> router -> API key (``/v1`` only) -> ``Gateway.predict``:
-admission (bounded: past ``max_queue`` images in the gateway, 503 + Retry-After) -> decode
-+ resize (worker thread) -> engine -> resize maps back + encode (worker thread). Every
-refusal is a JSON ``{"error", "detail"}`` with a 4xx/5xx status (``errors``); nothing a
-client sends can stall the event loop.
+Request path, each step refusing as early and as cheaply as it can: the HTTP server
+(``server``: header size 431, header and keep-alive timeouts, connection cap) -> metrics
+(outermost ASGI: counts every answer) -> CORS (if configured) -> API key (from the headers,
+before the body) -> body limit and body timeout (while streaming) -> router (input rules)
+-> ``Gateway.predict``: each image's header -> its cost -> admission (memory budget,
+deadline, count; 413/503 + Retry-After) -> decode + resize (worker thread) -> engine (with
+the deadline) -> resize maps back + encode (worker thread). Every refusal is a JSON
+``{"error", "detail"}`` with a 4xx/5xx status (``errors``); nothing a client sends can
+stall the event loop.
 
-Where things live: ``gateway`` (the prediction path), ``admission`` (the bounded queue),
-``auth`` (the API key), ``middleware`` (body limit, request metrics), ``errors``,
-``telemetry`` (Prometheus), ``routes/`` (one router per audience), ``engines/``.
+Where things live: ``gateway`` (the prediction path), ``cost`` (an image's peak memory),
+``admission`` (budget, deadline, count), ``auth`` (the API key), ``middleware`` (key, body
+limit and timeout, request metrics), ``errors``, ``telemetry`` (Prometheus), ``routes/``
+(one router per audience), ``engines/``, ``server`` (granian and its workers).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from .engines import create_engine
 from .errors import install_error_handlers
 from .gateway import Gateway
 from .manifest import load_model_spec
-from .middleware import BodyLimitMiddleware, MetricsMiddleware
+from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from .routes import inference, operations, web
 from .settings import Settings
 from .telemetry import Metrics
@@ -35,7 +39,8 @@ def create_gateway(settings: Settings) -> Gateway:
     """Reads the model now (a bad repository fails here, named); the engine starts with the app."""
     spec = load_model_spec(settings.model_repository, settings.model, settings.model_version)
     metrics = Metrics()
-    admission = Admission(settings.max_queue, metrics, settings.retry_after_s)
+    admission = Admission(budget_bytes=settings.budget_bytes, max_images=settings.max_queue,
+                          wait_s=settings.admission_wait_s, retry_after_s=settings.retry_after_s, metrics=metrics)
     engine = create_engine(settings, spec, lambda: admission.upstream, metrics.batch_size.observe)
     return Gateway(settings, spec, metrics, admission, engine)
 
@@ -55,14 +60,18 @@ def create_app(settings: Settings) -> FastAPI:
     spec = gw.spec
     description = (f"Dense maps ({', '.join(spec.tasks)}) of uploaded images from model {spec.name!r} "
                    f"v{spec.version} ({spec.height}x{spec.width} input), engine {settings.engine}.")
-    app = FastAPI(title="FAAR gateway", version=str(spec.version), lifespan=lifespan, description=description)
+    app = FastAPI(title="FAAR gateway", version=str(spec.version), lifespan=lifespan, description=description,
+                  docs_url=None, redoc_url=None)  # /docs from local files: routes.web
     app.state.gateway = gw
     app.include_router(inference.router)
     app.include_router(operations.router)
     app.include_router(web.router)  # the page is public; its API calls carry the key
+    app.mount(web.SWAGGER, web.swagger_files(), name="swagger")
     app.mount("/static", web.static_files(), name="static")
     install_error_handlers(app, settings.retry_after_s)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, key=settings.api_key, metrics_public=settings.metrics_public)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], expose_headers=["Server-Timing"])

@@ -1,8 +1,17 @@
 """The Gateway: what every route shares, and one prediction from uploads to rendered maps.
 
-``predict`` is the request path after the body limit: admission -> read + decode + resize
-(worker threads) -> one engine call for all uploads -> resize maps back + encode (worker
-threads). CPU work never runs on the event loop, so no upload can stall other requests.
+``predict`` is the request path after the body limit: read the uploads -> each image's
+header (size, nothing decoded) -> its cost -> admission (budget, deadline, count:
+``admission``) -> decode + resize (worker threads) -> one engine call for all uploads, with
+the request's deadline -> resize maps back + encode (worker threads). CPU work never runs
+on the event loop, so no upload can stall other requests.
+
+A caller who goes away is not computed for: ``until_disconnected`` cancels the request's
+work when the server reports the disconnect, which drops its images from the engine's
+queue (the embedded batcher skips cancelled items; a cancelled gRPC call leaves Triton's
+queue). Work already running in a thread finishes before its memory leaves the budget
+(``_in_thread``), so the budget never counts less than what is held.
+
 The parts (settings, model spec, metrics, admission, engine) are built and wired by
 ``app.create_app``; routes reach the Gateway through the ``GatewayDep`` dependency.
 """
@@ -10,21 +19,26 @@ The parts (settings, model spec, metrics, admission, engine) are built and wired
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 from fastapi import Depends, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from . import codec
+from . import codec, cost
 from .admission import Admission
 from .engines import Engine, EngineResult
 from .errors import ApiError
 from .manifest import ModelSpec
 from .settings import Settings
 from .telemetry import Metrics
+
+T = TypeVar("T")
+CLIENT_GONE = 499  # nginx's "client closed request": only the metrics and the log see it
 
 
 @dataclass
@@ -54,6 +68,10 @@ class Gateway:
     engine: Engine
 
     def tasks(self, names: str | None) -> list[str]:
+        """The ``tasks`` parameter -> task names; absent: all; present but naming none: 422."""
+        if names is not None and not any(n.strip() for n in names.split(",")):
+            raise ApiError(422, "no_tasks", f"tasks={names!r} names no task; leave it out for every task, or "
+                           f"name some of {list(self.spec.tasks)}")
         try:
             return self.spec.select_tasks(names)
         except KeyError as exc:
@@ -79,23 +97,75 @@ class Gateway:
         self.metrics.observe_stages(timings)
         return Rendered(maps, image.height, image.width, {k: round(v, 3) for k, v in timings.items()})
 
+    def cost(self, data: bytes, tasks: list[str], fmt: str, where: str) -> int:
+        """Peak bytes of one upload, from its header (``cost``); the pixel limit is checked here too."""
+        hw = cost.header_size(data) or (0, 0)
+        if hw[0] * hw[1] > self.settings.max_image_pixels:
+            raise ApiError(413, "too_many_pixels", f"{where}image is {hw[1]}x{hw[0]} = {hw[0] * hw[1]} pixels; "
+                           f"the limit is {self.settings.max_image_pixels}")
+        return cost.image_cost(upload_bytes=len(data), decoded_hw=hw, output_hw=hw, spec=self.spec, tasks=tasks,
+                               fmt=fmt)
+
     async def predict(self, uploads: list[UploadFile], tasks: list[str], fmt: str) -> list[Rendered]:
-        """Admit, decode, infer in one engine call, render: one ``Rendered`` per upload, in order."""
-        with self.admission.slot(len(uploads)):
-            with self.admission.before_engine(len(uploads)):
-                payloads = [await upload.read() for upload in uploads]
-                batch = len(uploads) > 1  # errors name the image only where there are several
-                where = [f"image {i} ({u.filename!r}): " if batch else "" for i, u in enumerate(uploads)]
-                decoded = await asyncio.gather(*map(self._decode, payloads, where))
-            result = await self.engine.infer(np.stack([d.pixels for d in decoded]))
-            return list(await asyncio.gather(*(run_in_threadpool(self.render, result, i, d, tasks, fmt)
-                                               for i, d in enumerate(decoded))))
+        """Admit, decode, infer in one engine call, render: one ``Rendered`` per upload, in order. The
+        deadline runs from here (the body is in): a slow upload is the body timeout's business."""
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        payloads = [await upload.read() for upload in uploads]
+        batch = len(uploads) > 1  # errors name the image only where there are several
+        where = [f"image {i} ({u.filename!r}): " if batch else "" for i, u in enumerate(uploads)]
+        costs = [self.cost(data, tasks, fmt, w) for data, w in zip(payloads, where, strict=True)]
+        async with self.admission.admit(costs, deadline) as ticket:
+            t0 = time.monotonic()
+            decoded = await asyncio.gather(*map(self._decode, payloads, where))
+            self.admission.clock.stage("decode", (time.monotonic() - t0) / len(decoded))
+            with self.admission.engine(ticket):
+                result = await self.engine.infer(np.stack([d.pixels for d in decoded]), deadline)
+            t0 = time.monotonic()
+            rendered = await asyncio.gather(*(_in_thread(self.render, result, i, d, tasks, fmt)
+                                              for i, d in enumerate(decoded)))
+            self.admission.clock.stage("render", (time.monotonic() - t0) / len(decoded))
+            return list(rendered)
 
     async def _decode(self, data: bytes, where: str) -> Decoded:
         try:
-            return await run_in_threadpool(self.decode, data)
+            return await _in_thread(self.decode, data)
         except codec.ImageError as exc:
             raise ApiError(exc.status, exc.code, where + str(exc)) from exc
+
+    async def until_disconnected(self, request: Request, work: Awaitable[T]) -> T:
+        """``work``, cancelled if the client disconnects first (``ClientGone``)."""
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            watcher.cancel()
+        if task.cancelled():
+            self.metrics.rejected.labels("client_gone").inc()
+            raise ApiError(CLIENT_GONE, "client_gone", "the client closed the connection; its work was dropped")
+        return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the server reports the client gone (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a worker thread; if the caller is cancelled meanwhile, it still waits for the
+    thread to end (what it holds stays counted) before the cancellation goes on."""
+    future = asyncio.ensure_future(run_in_threadpool(fn, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await future
+        raise
 
 
 def get_gateway(request: Request) -> Gateway:

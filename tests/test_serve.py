@@ -277,9 +277,9 @@ def test_overload_answers_503_with_retry_after_and_recovers(repo: Path, live_ser
     engine = app.state.gateway.engine
     infer = engine.infer
 
-    async def slow_infer(batch: np.ndarray) -> EngineResult:
+    async def slow_infer(batch: np.ndarray, deadline: float | None = None) -> EngineResult:
         await asyncio.sleep(1)
-        return await infer(batch)
+        return await infer(batch, deadline)
 
     engine.infer = slow_infer
     server = live_server(app)
@@ -299,7 +299,10 @@ def test_overload_answers_503_with_retry_after_and_recovers(repo: Path, live_ser
 def test_health_ready_model_metrics_docs(client: TestClient, repo: Path) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"ready": True, "engine": "onnx", "model": "faar", "version": 1}
-    assert client.get("/v1/model").json() == manifest(repo)
+    meta, model = manifest(repo), client.get("/v1/model").json()
+    assert {k: model[k] for k in ("model", "input_size", "tasks")} == {k: meta[k] for k in ("model", "input_size",
+                                                                                          "tasks")}
+    assert model["parity"]["passed"] and model["onnx_sha256"] == meta["onnx"]["sha256"]
     client.post("/v1/predict", files=post_image(encode(image(40))))
     text = client.get("/metrics").text
     for name in ("faar_requests_total", "faar_request_duration_seconds_bucket", "faar_queue_depth",
@@ -322,6 +325,7 @@ def test_api_key_and_cors(repo: Path) -> None:
         assert c.get("/v1/model").status_code == 401
         assert c.post("/v1/predict", files=files, headers=right).status_code == 200
         assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+        assert c.get("/metrics").status_code == 401 and c.get("/metrics", headers=right).status_code == 200
         pre = c.options("/v1/predict", headers={"Origin": "https://app.example",
                                                  "Access-Control-Request-Method": "POST",
                                                  "Access-Control-Request-Headers": "authorization"})

@@ -6,9 +6,18 @@ from collections.abc import Callable
 
 from ..manifest import ModelSpec
 from ..settings import Settings
-from .base import BatchLimit, BatchObserver, Engine, EngineFailure, EngineResult, EngineUnavailable
+from .base import (
+    BatchLimit,
+    BatchObserver,
+    DeadlineExceeded,
+    Engine,
+    EngineFailure,
+    EngineResult,
+    EngineUnavailable,
+)
 
-__all__ = ["BatchLimit", "Engine", "EngineFailure", "EngineResult", "EngineUnavailable", "create_engine"]
+__all__ = ["BatchLimit", "DeadlineExceeded", "Engine", "EngineFailure", "EngineResult", "EngineUnavailable",
+           "create_engine"]
 
 
 def create_engine(settings: Settings, spec: ModelSpec, upstream: Callable[[], int],
@@ -25,7 +34,7 @@ def create_engine(settings: Settings, spec: ModelSpec, upstream: Callable[[], in
 
         return TritonEngine(url=settings.triton_url, protocol=settings.triton_protocol, model=spec.name,
                             version=spec.version, input_name=spec.input_name, output_names=outputs, batch=batch,
-                            timeout_s=settings.triton_timeout_s, observe_batch=observe_batch)
+                            timeout_s=settings.triton_deadline_s, observe_batch=observe_batch)
     from .onnx import OnnxEngine
 
     return OnnxEngine(onnx_path=spec.onnx_path, input_name=spec.input_name, output_names=outputs,

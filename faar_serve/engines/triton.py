@@ -24,7 +24,7 @@ import tritonclient.http.aio as http_aio
 from tritonclient.grpc import KeepAliveOptions
 from tritonclient.utils import InferenceServerException
 
-from .base import BatchLimit, BatchObserver, Engine, EngineFailure, EngineResult, EngineUnavailable
+from .base import BatchLimit, BatchObserver, DeadlineExceeded, Engine, EngineFailure, EngineResult, EngineUnavailable
 
 T = TypeVar("T")
 MAX_MESSAGE_BYTES = 2**31 - 1  # outputs of a batch of 512x512 maps exceed gRPC's 4 MB default
@@ -34,6 +34,7 @@ TRANSIENT_STATUSES = {
     "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",
     "StatusCode.CANCELLED", "429", "502", "503", "504",
 }
+EXPIRED = ("StatusCode.DEADLINE_EXCEEDED", "Request timeout expired")  # our deadline, or Triton's queue policy
 
 
 def grpc_channel_args() -> list[tuple[str, Any]]:
@@ -84,13 +85,15 @@ class TritonEngine(Engine):
             return await call
         except InferenceServerException as exc:
             message = f"triton at {self.url}: {exc.message()}"
+            if str(exc.status()) == EXPIRED[0] or EXPIRED[1] in str(exc.message()):
+                raise DeadlineExceeded(message) from exc
             if str(exc.status()) in TRANSIENT_STATUSES:
                 raise EngineUnavailable(message) from exc
             raise EngineFailure(message) from exc
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise EngineUnavailable(f"triton at {self.url}: {type(exc).__name__}: {exc}") from exc
 
-    async def _infer_chunk(self, chunk: np.ndarray) -> dict[str, np.ndarray]:
+    async def _infer_chunk(self, chunk: np.ndarray, timeout_s: float) -> dict[str, np.ndarray]:
         if self.client is None:
             raise EngineUnavailable("the Triton client is not started")
         image = self.api.InferInput(self.input_name, list(chunk.shape), "UINT8")
@@ -100,15 +103,20 @@ class TritonEngine(Engine):
             self.observe_batch(len(chunk))
         # ``timeout`` (µs) goes to Triton's queue policy (config.pbtxt: REJECT, override allowed):
         # a request still queued when its caller has given up is dropped, not computed. Without
-        # it an overloaded server spends its time on answers nobody waits for.
+        # it an overloaded server spends its time on answers nobody waits for. It is what is
+        # left of the request's own deadline; gRPC's call deadline is the same.
+        deadline = {"client_timeout": timeout_s} if self.protocol == "grpc" else {}
         result = await self._call(self.client.infer(self.model, [image], self.version, outputs=outputs,
-                                                    timeout=int(self.timeout_s * 1e6), **self.deadline))
+                                                    timeout=max(1, int(timeout_s * 1e6)), **deadline))
         return {name: result.as_numpy(name) for name in self.output_names}
 
-    async def infer(self, batch: np.ndarray) -> EngineResult:
+    async def infer(self, batch: np.ndarray, deadline: float | None = None) -> EngineResult:
         t0 = time.monotonic()
+        timeout_s = self.timeout_s if deadline is None else min(self.timeout_s, deadline - t0)
+        if timeout_s <= 0:
+            raise DeadlineExceeded("the request's deadline passed before it reached Triton")
         chunks = [batch[i:i + self.max_batch_size] for i in range(0, len(batch), self.max_batch_size)]
-        results = await asyncio.gather(*(self._infer_chunk(c) for c in chunks))
+        results = await asyncio.gather(*(self._infer_chunk(c, timeout_s) for c in chunks))
         outputs = {n: np.concatenate([r[n] for r in results]) for n in self.output_names}
         return EngineResult(outputs, 0.0, (time.monotonic() - t0) * 1000)
 
