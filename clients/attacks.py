@@ -12,9 +12,21 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def declared_png(width: int, height: int) -> bytes:
+    """A valid PNG of ``width`` x ``height`` grey pixels that is only a few KB (every row zero):
+    issue 14's 35 KB upload that costs gigabytes to serve."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])  # 8-bit grey
+    rows = zlib.compress(bytes(height * (width + 1)), 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
 
 
 def connect(host: str, port: int, timeout_s: float = 5.0) -> socket.socket:

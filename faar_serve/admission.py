@@ -6,15 +6,16 @@ header is probed (``cost``) and before anything is decoded. In this order:
 1. **Too costly for this gateway**: an image whose peak memory (``cost.image_cost``) is over
    the whole budget could never be admitted: 413 ``too_costly``, with the budget in the text.
 2. **Deadline**: the request must answer within ``request_timeout_s`` of its arrival. The
-   ``ServiceClock`` measures the engine's time per image under the load it actually has
-   (busy time per finished image, an exponential average, so a batching engine or a
-   Triton with several instances reads as its throughput) and the per-image decode and
-   render times; with B images admitted ahead of it and not yet out of the engine, a
-   request of k images is expected to finish after max(decode, B x engine) + k x engine +
-   render. If that is past its deadline it is refused now, 503 ``deadline`` with a
-   Retry-After of the excess, rather than computed for a caller who will have given up.
-   With nothing ahead a request is always admitted: the estimate can be stale, and only
-   work that runs keeps it true.
+   ``ServiceClock`` measures, under the load there actually is, the engine's time per image
+   and the whole gateway's (busy time per finished image, an exponential average, so a
+   batching engine, a Triton with several instances or a pipeline of decode, engine and
+   render on shared cores all read as their throughput), and the per-image decode and
+   render times. With B images ahead in the engine's queue and G in the gateway, a request
+   of k images is expected to answer after the longer of max(decode, B x engine) +
+   k x engine + render and (G + k) x gateway. If that is past its deadline it is refused
+   now, 503 ``deadline`` with a Retry-After of the excess, rather than computed for a
+   caller who will have given up. With nothing ahead a request is always admitted: the
+   estimate can be stale, and only work that runs keeps it true.
 3. **Count**: at most ``max_queue`` images between admission and answer (503 ``overloaded``).
 4. **Memory budget**: the admitted images' costs add up to at most the budget. Work over it
    waits in arrival order (no small request overtakes a big one that waits) for at most
@@ -47,34 +48,48 @@ def _ewma(old: float | None, sample: float) -> float:
 
 
 @dataclass
-class ServiceClock:
-    """Measured service times: the engine's seconds per image while busy, decode and render per image."""
+class BusyClock:
+    """Seconds per image while busy: the time since the last start-from-idle or completion, shared by
+    the images that complete. Under load that is the inverse of the throughput, whatever the
+    batching or parallelism behind it; alone it is one image's service time."""
 
-    engine_s: float | None = None
-    decode_s: float | None = None
-    render_s: float | None = None
-    _busy: int = 0  # images inside the engine now
-    _mark: float = 0.0  # the last start-from-idle or completion while busy
+    per_image_s: float | None = None
+    _busy: int = 0  # images inside now
+    _mark: float = 0.0
 
-    def engine_started(self, images: int) -> None:
+    def started(self, images: int) -> None:
         if self._busy == 0:
             self._mark = time.monotonic()
         self._busy += images
 
-    def engine_finished(self, images: int) -> None:
-        """One engine call of ``images`` returned: the busy time since the last mark is theirs."""
+    def finished(self, images: int) -> None:
         now = time.monotonic()
-        self.engine_s = _ewma(self.engine_s, (now - self._mark) / images)
+        self.per_image_s = _ewma(self.per_image_s, (now - self._mark) / images)
         self._mark = now
         self._busy -= images
+
+
+@dataclass
+class ServiceClock:
+    """Measured service times: the engine's and the whole gateway's per image while busy (admission
+    to answer), decode and render per image."""
+
+    engine: BusyClock = field(default_factory=BusyClock)
+    system: BusyClock = field(default_factory=BusyClock)
+    decode_s: float | None = None
+    render_s: float | None = None
 
     def stage(self, name: str, seconds_per_image: float) -> None:
         setattr(self, f"{name}_s", _ewma(getattr(self, f"{name}_s"), seconds_per_image))
 
-    def expected_s(self, ahead: int, images: int) -> float:
-        """Seconds until a request of ``images`` admitted now answers, with ``ahead`` images before it."""
-        engine, decode, render = self.engine_s or 0.0, self.decode_s or 0.0, self.render_s or 0.0
-        return max(decode, ahead * engine) + images * engine + render
+    def expected_s(self, in_engine_queue: int, in_gateway: int, images: int) -> float:
+        """Seconds until a request of ``images`` admitted now answers: the engine's queue ahead of it
+        (``in_engine_queue`` images) plus its own stages, or the gateway's throughput with
+        ``in_gateway`` images ahead (Little's law), whichever is longer. The second one sees what
+        the first cannot: decoding and rendering of others on the same cores."""
+        engine, decode, render = self.engine.per_image_s or 0.0, self.decode_s or 0.0, self.render_s or 0.0
+        by_engine = max(decode, in_engine_queue * engine) + images * engine + render
+        return max(by_engine, (in_gateway + images) * (self.system.per_image_s or 0.0))
 
 
 @dataclass
@@ -124,10 +139,10 @@ class Admission:
                                f"gateway admits at most {self.budget / MB:.0f} MB of images at once "
                                "(--max-inflight-bytes); send a smaller image")
         images = len(costs)
-        expected = self.clock.expected_s(self.ahead, images)
+        expected = self.clock.expected_s(self.ahead, self.images, images)
         late = time.monotonic() + expected - deadline
-        if self.ahead > 0 and late > 0:
-            raise self._refuse(503, "deadline", f"{self.ahead} images are ahead; this request would answer in "
+        if self.images > 0 and late > 0:
+            raise self._refuse(503, "deadline", f"{self.images} images are ahead; this request would answer in "
                                f"about {expected:.1f} s, past its deadline (--request-timeout-s); retry later",
                                late)
         if self.images + images > self.max_images:
@@ -141,6 +156,7 @@ class Admission:
         cost, images = sum(costs), len(costs)
         await self._reserve(cost, deadline)
         ticket = Ticket(images)
+        self.clock.system.started(images)
         self.images += images
         self.ahead += images
         self.upstream += images
@@ -152,6 +168,7 @@ class Admission:
                 self.upstream -= images
             if not ticket.served:
                 self.ahead -= images
+            self.clock.system.finished(images)
             self.images -= images
             self.used_bytes -= cost
             self._wake()
@@ -201,10 +218,10 @@ class Admission:
         """Around the engine call: the images leave ``upstream``, and ``ahead`` when it returns."""
         ticket.sent = True
         self.upstream -= ticket.images
-        self.clock.engine_started(ticket.images)
+        self.clock.engine.started(ticket.images)
         try:
             yield
         finally:
-            self.clock.engine_finished(ticket.images)
+            self.clock.engine.finished(ticket.images)
             ticket.served = True
             self.ahead -= ticket.images

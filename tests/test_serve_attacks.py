@@ -20,7 +20,6 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,16 +40,6 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 BUDGET = 400_000_000
 LIMITS = {"--header-timeout-s": "1", "--body-timeout-s": "1.5", "--max-connections": "8",
           "--max-inflight-bytes": str(BUDGET), "--admission-wait-s": "0.2", "--api-key": KEY}
-
-
-def declared_png(width: int, height: int) -> bytes:
-    """A valid PNG of ``width`` x ``height`` grey pixels that is only a few KB (every row zero)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-
-    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])  # 8-bit grey
-    rows = zlib.compress(bytes(height * (width + 1)), 9)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
 
 
 class Gateway:
@@ -96,7 +85,7 @@ def post(url: str, data: bytes, params: dict[str, str] | None = None, timeout: f
 
 # --- finding 1: cost is admitted, not count ---------------------------------------------------------------------
 def test_an_image_over_the_whole_budget_is_413_before_decoding(gateway: Gateway) -> None:
-    bomb = declared_png(6000, 6000)
+    bomb = attacks.declared_png(6000, 6000)
     assert len(bomb) < 60_000  # the issue's 35 KB PNG declaring 36 MP
     before = gateway.rss_mib()
     for fmt in ("json", "npz"):
@@ -109,7 +98,7 @@ def test_an_image_over_the_whole_budget_is_413_before_decoding(gateway: Gateway)
 
 
 def test_work_over_the_budget_waits_briefly_then_503(gateway: Gateway) -> None:
-    big = declared_png(2000, 2000)  # about 300 MB at its peak: one fits in 400 MB, two do not
+    big = attacks.declared_png(2000, 2000)  # about 300 MB at its peak: one fits in 400 MB, two do not
 
     async def three() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=gateway.url, headers=AUTH, timeout=60) as http:

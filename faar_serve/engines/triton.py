@@ -80,12 +80,14 @@ class TritonEngine(Engine):
         else:
             self.client = http_aio.InferenceServerClient(self.url, conn_timeout=self.timeout_s)
 
-    async def _call(self, call: Awaitable[T]) -> T:
+    async def _call(self, call: Awaitable[T], request_deadline: bool = False) -> T:
+        """``call``'s result, or its failure as ``EngineUnavailable`` / ``EngineFailure``; a timeout
+        is the request's ``DeadlineExceeded`` where the request's deadline set it."""
         try:
             return await call
         except InferenceServerException as exc:
             message = f"triton at {self.url}: {exc.message()}"
-            if str(exc.status()) == EXPIRED[0] or EXPIRED[1] in str(exc.message()):
+            if request_deadline and (str(exc.status()) == EXPIRED[0] or EXPIRED[1] in str(exc.message())):
                 raise DeadlineExceeded(message) from exc
             if str(exc.status()) in TRANSIENT_STATUSES:
                 raise EngineUnavailable(message) from exc
@@ -93,7 +95,7 @@ class TritonEngine(Engine):
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise EngineUnavailable(f"triton at {self.url}: {type(exc).__name__}: {exc}") from exc
 
-    async def _infer_chunk(self, chunk: np.ndarray, timeout_s: float) -> dict[str, np.ndarray]:
+    async def _infer_chunk(self, chunk: np.ndarray, timeout_s: float, request_deadline: bool) -> dict[str, np.ndarray]:
         if self.client is None:
             raise EngineUnavailable("the Triton client is not started")
         image = self.api.InferInput(self.input_name, list(chunk.shape), "UINT8")
@@ -107,16 +109,18 @@ class TritonEngine(Engine):
         # left of the request's own deadline; gRPC's call deadline is the same.
         deadline = {"client_timeout": timeout_s} if self.protocol == "grpc" else {}
         result = await self._call(self.client.infer(self.model, [image], self.version, outputs=outputs,
-                                                    timeout=max(1, int(timeout_s * 1e6)), **deadline))
+                                                    timeout=max(1, int(timeout_s * 1e6)), **deadline),
+                                  request_deadline)
         return {name: result.as_numpy(name) for name in self.output_names}
 
     async def infer(self, batch: np.ndarray, deadline: float | None = None) -> EngineResult:
         t0 = time.monotonic()
-        timeout_s = self.timeout_s if deadline is None else min(self.timeout_s, deadline - t0)
-        if timeout_s <= 0:
+        left = self.timeout_s if deadline is None else deadline - t0
+        if left <= 0:
             raise DeadlineExceeded("the request's deadline passed before it reached Triton")
+        timeout_s = min(self.timeout_s, left)
         chunks = [batch[i:i + self.max_batch_size] for i in range(0, len(batch), self.max_batch_size)]
-        results = await asyncio.gather(*(self._infer_chunk(c, timeout_s) for c in chunks))
+        results = await asyncio.gather(*(self._infer_chunk(c, timeout_s, left < self.timeout_s) for c in chunks))
         outputs = {n: np.concatenate([r[n] for r in results]) for n in self.output_names}
         return EngineResult(outputs, 0.0, (time.monotonic() - t0) * 1000)
 
