@@ -9,7 +9,8 @@ with ``--engine triton`` against a real local Triton. Clients behave: a 503 is f
 a pause of its Retry-After (at most the deadline) before the next request. Reported:
 goodput (answers within the deadline per second), the engine's capacity measured in the
 same run (ONNX Runtime alone on the prepared image with the gateway's session settings;
-for Triton, direct gRPC calls at the same concurrency, no gateway), their ratio, the
+for Triton, direct gRPC calls at the same concurrency, no gateway) and the gateway's own
+throughput without a deadline (same clients, ``--request-timeout-s 600``), the ratios, the
 counts of answers, late answers, refusals by code and errors, the p50/p99 latency of
 answers and of refusals, and the gateway's peak RSS.
 
@@ -175,7 +176,7 @@ def onnx_capacity(repo: Path, payload: bytes, seconds: float) -> float:
 
 def overload(repo: Path, engine: str, triton: LocalTriton | None, args: argparse.Namespace,
              payload: bytes) -> dict[str, Any]:
-    flags = ["--request-timeout-s", str(args.deadline), "--max-queue", "512"]
+    flags = ["--max-queue", "512"]
     if engine == "triton":
         assert triton is not None
         flags += ["--engine", "triton", "--triton-url", f"127.0.0.1:{triton.grpc_port}"]
@@ -183,15 +184,23 @@ def overload(repo: Path, engine: str, triton: LocalTriton | None, args: argparse
                                                args.capacity_seconds))
     else:
         capacity = onnx_capacity(repo, payload, args.capacity_seconds)
-    gateway = Gateway(repo, *flags)
+    patient = Gateway(repo, *flags, "--request-timeout-s", "600")  # no deadline: the gateway's capacity
+    try:
+        asyncio.run(closed_loop(patient.url, 2, min(5.0, args.seconds), payload, 60, {}))  # warm-up
+        served = asyncio.run(closed_loop(patient.url, args.concurrency, args.capacity_seconds, payload, 600, {}))
+    finally:
+        patient.close()
+    gateway = Gateway(repo, *flags, "--request-timeout-s", str(args.deadline))
     try:
         asyncio.run(closed_loop(gateway.url, 2, min(5.0, args.seconds), payload, 60, {}))  # warm-up
         result = asyncio.run(closed_loop(gateway.url, args.concurrency, args.seconds, payload, args.deadline, {}))
         result["gateway_peak_rss_mib"] = gateway.rss_mib("VmHWM")
     finally:
         gateway.close()
-    return {"engine": engine, "capacity_images_per_s": capacity,
-            "goodput_share": round(result["goodput_rps"] / capacity, 3), **result}
+    gateway_capacity = served["answers"] / served["seconds"]
+    return {"engine": engine, "capacity_images_per_s": capacity, "gateway_capacity_rps": round(gateway_capacity, 3),
+            "goodput_share": round(result["goodput_rps"] / capacity, 3),
+            "goodput_share_of_gateway": round(result["goodput_rps"] / gateway_capacity, 3), **result}
 
 
 def costly_uploads(repo: Path, args: argparse.Namespace, payload: bytes) -> dict[str, Any]:
@@ -237,9 +246,11 @@ def print_tables(result: dict[str, Any]) -> None:
     s = result["setup"]
     print(f"{s['config']}: concurrency {s['concurrency']}, {s['seconds']} s, deadline {s['deadline_s']} s")
     print(markdown_table(
-        ["engine", "capacity img/s", "goodput req/s", "x capacity", "answers", "late", "refusals", "errors",
+        ["engine", "engine img/s", "gateway req/s (no deadline)", "goodput req/s", "x engine", "x gateway",
+         "answers", "late", "refusals", "errors",
          "answer p50/p99 ms", "refusal p50/p99 ms", "gateway peak RSS MiB"],
-        [[r["engine"], r["capacity_images_per_s"], r["goodput_rps"], r["goodput_share"], r["answers"], r["late"],
+        [[r["engine"], r["capacity_images_per_s"], r["gateway_capacity_rps"], r["goodput_rps"], r["goodput_share"],
+          r["goodput_share_of_gateway"], r["answers"], r["late"],
           ", ".join(f"{k}: {v}" for k, v in r["refusals"].items()) or "-", sum(r["errors"].values()),
           f"{r['answer_ms']['p50']} / {r['answer_ms']['p99']}", f"{r['refusal_ms']['p50']} / {r['refusal_ms']['p99']}",
           r["gateway_peak_rss_mib"]] for r in result["overload"]]))
@@ -264,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", type=int, nargs=2, default=[480, 640], metavar=("H", "W"))
     parser.add_argument("--engines", nargs="+", choices=["onnx", "triton"], default=["onnx", "triton"])
     parser.add_argument("--big-side", type=int, default=6000, help="costly uploads declare side x side pixels")
-    parser.add_argument("--big-budget-mb", type=float, default=3000, help="--max-inflight-bytes for that part")
+    parser.add_argument("--big-budget-mb", type=float, default=5000, help="--max-inflight-bytes for that part")
     parser.add_argument("--big-seconds", type=float, default=40.0)
     parser.add_argument("--big-normal-clients", type=int, default=4)
     parser.add_argument("--no-big", dest="big", action="store_false", help="skip the costly uploads")
@@ -273,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.config, args.deadline, args.concurrency, args.seconds, args.capacity_seconds = "tiny", 0.5, 8, 6.0, 2.0
-        args.big_side, args.big_budget_mb, args.big_seconds, args.big_normal_clients = 1500, 250, 8.0, 2
+        args.big_side, args.big_budget_mb, args.big_seconds, args.big_normal_clients = 1500, 400, 8.0, 2
     payload = scene_png(tuple(args.image))
     with tempfile.TemporaryDirectory() as tmp:
         repo = export_repository(args.config, Path(tmp), max_batch_size=8)

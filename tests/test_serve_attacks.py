@@ -98,7 +98,7 @@ def test_an_image_over_the_whole_budget_is_413_before_decoding(gateway: Gateway)
 
 
 def test_work_over_the_budget_waits_briefly_then_503(gateway: Gateway) -> None:
-    big = attacks.declared_png(2000, 2000)  # about 300 MB at its peak: one fits in 400 MB, two do not
+    big = attacks.declared_png(1600, 1600)  # about 310 MB at its peak (npz): one fits in 400 MB, two do not
 
     async def three() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=gateway.url, headers=AUTH, timeout=60) as http:
