@@ -1,4 +1,4 @@
-"""Reading the package metadata in tests (this module holds no tests).
+"""Reading the package metadata and the Dockerfile in tests (this module holds no tests).
 
 The requirements come from ``pyproject.toml`` itself (the venv's installed ``faar`` metadata
 may be older than the checkout); what each requirement pulls in is read from the installed
@@ -8,6 +8,7 @@ distributions' metadata, so the closure is what pip would install, offline.
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -19,6 +20,22 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).parents[1]
 GPU_TO_CPU = {"onnxruntime-gpu": "onnxruntime"}  # what is installed here stands in for the GPU build
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(instruction, arguments) with line continuations joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+def instructions(name: str) -> list[str]:
+    return [args for ins, args in dockerfile() if ins == name]
+
+
+def image_env() -> dict[str, str]:
+    """The environment the Dockerfile's ENV instructions give the container."""
+    return dict(re.findall(r"(\w+)=(\S+)", " ".join(instructions("ENV"))))
 
 
 def project() -> dict[str, Any]:

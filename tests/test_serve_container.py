@@ -18,22 +18,20 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from packaging_support import ROOT, closure, not_installed_by, project, requirements, third_party_imports
+from packaging_support import (
+    ROOT,
+    closure,
+    image_env,
+    instructions,
+    not_installed_by,
+    project,
+    requirements,
+    third_party_imports,
+)
 from test_serve_support import exported_repository
 
 from faar_serve.settings import Settings
 from faar_serve.triton_local import free_port
-
-
-def dockerfile() -> list[tuple[str, str]]:
-    """(instruction, arguments) with line continuations joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
-
-
-def instructions(name: str) -> list[str]:
-    return [args for ins, args in dockerfile() if ins == name]
 
 
 def exec_form(args: str) -> list[str]:
@@ -108,8 +106,7 @@ def test_the_gpu_runtime_is_pinned_and_excludes_the_cpu_one() -> None:
 def test_the_image_command_and_healthcheck_run_outside_a_container(tmp_path: Path) -> None:
     (cmd,) = instructions("CMD")
     (health,) = instructions("HEALTHCHECK")
-    env_lines = " ".join(instructions("ENV"))
-    env = dict(re.findall(r"(\w+)=(\S+)", env_lines))
+    env = image_env()
     port = free_port()
     env.update(FAAR_MODEL_REPOSITORY=str(exported_repository()), FAAR_HOST="127.0.0.1", FAAR_PORT=str(port),
                PYTHONPATH=str(ROOT))  # the image installs faar_serve; here the checkout stands in for it
