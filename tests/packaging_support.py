@@ -76,7 +76,7 @@ def closure(specs: list[str]) -> set[str]:
 
 def third_party_imports(*folders: str, skip: tuple[str, ...] = ()) -> set[str]:
     """Top-level modules imported anywhere under ``folders`` that are neither stdlib nor ours."""
-    ours = {"faar", "faar_serve"} | {p.stem for f in folders for p in (ROOT / f).glob("*.py")}
+    ours = {"faar", "faar_serve", *folders} | {p.stem for f in folders for p in (ROOT / f).glob("*.py")}
     needed: set[str] = set()
     for folder in folders:
         for path in (ROOT / folder).rglob("*.py"):

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,10 +19,11 @@ import pytest
 import tritonclient.http as tritonhttp
 import yaml
 from packaging_support import ROOT, image_env, instructions
-from test_serve_support import MODEL, exported_repository
+from support import MODEL
 
+from faar_serve.net import free_port
 from faar_serve.settings import Settings
-from faar_serve.triton_local import LocalTriton, free_port
+from faar_serve.triton_local import LocalTriton
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 KUBECTL = shutil.which("kubectl")
@@ -194,12 +196,12 @@ def test_the_triton_autoscaler_uses_the_adapter_metric() -> None:
         assert cpu["resource"]["name"] == "cpu"
 
 
-def test_the_adapter_rule_reads_series_that_triton_exports() -> None:
+def test_the_adapter_rule_reads_series_that_triton_exports(repo: Path) -> None:
     """The rule's series, read from a real tritonserver's /metrics after it has answered once."""
     rule = adapter_rule()
     series = set(re.findall(r"\b(nv_[a-z_]+)\{", rule["seriesQuery"] + " " + rule["metricsQuery"]))
     assert {"nv_inference_queue_duration_us", "nv_inference_request_success"} <= series
-    with LocalTriton(exported_repository(), metrics_port=free_port()) as server:
+    with LocalTriton(repo, metrics_port=free_port()) as server:
         client = tritonhttp.InferenceServerClient(server.http_url)
         (spec,) = client.get_model_config(MODEL)["input"]
         shape = [1, *map(int, spec["dims"])]

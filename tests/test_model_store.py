@@ -25,15 +25,14 @@ import pytest
 import torch
 import tritonclient.http as tritonhttp
 from fastapi.testclient import TestClient
-from test_serve_support import (
+from support import (
     MODEL,
+    OfflineMaps,
     assert_maps_equal,
     encode,
-    exported_repository,
     image,
     load_npz,
     manifest,
-    offline_maps,
     post_image,
     settings,
 )
@@ -46,7 +45,8 @@ from faar.export.storage import S3Location, export_to_s3, mirror_model, s3_clien
 from faar.model import build_model
 from faar.run import save_model
 from faar_serve.app import create_app
-from faar_serve.triton_local import LocalTriton, free_port
+from faar_serve.net import free_port
+from faar_serve.triton_local import LocalTriton
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto")
@@ -108,10 +108,10 @@ def other_run(path: Path) -> Path:
 
 
 def test_triton_serves_the_bucket_and_a_new_version_after_an_explicit_load(
-        store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        store: str, repo: Path, offline_maps: OfflineMaps, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     s3 = s3_client()
     loc = S3Location(BUCKET, "repo")
-    local = exported_repository()
+    local = repo
     upload_version(s3, loc, local, MODEL, 1)
     repository = loc.triton_url(store)
     assert repository == f"s3://{store.split('://')[1]}/{BUCKET}/repo"
@@ -124,7 +124,7 @@ def test_triton_serves_the_bucket_and_a_new_version_after_an_explicit_load(
 
         version, maps = gateway_maps(mirror_model(s3, loc, MODEL, tmp_path / "mirror1"), triton.grpc_url, rgb)
         assert version == 1
-        assert_maps_equal(maps, offline_maps(local, rgb))
+        assert_maps_equal(maps, offline_maps(rgb))
 
         code = export_main(["--run", str(other_run(tmp_path / "run2")), "--out", f"s3://{BUCKET}/repo",
                             "--version", "2"])
@@ -147,16 +147,16 @@ def test_triton_serves_the_bucket_and_a_new_version_after_an_explicit_load(
         version, maps = gateway_maps(mirror_model(s3, loc, MODEL, tmp_path / "mirror2"), triton.grpc_url, rgb)
         assert version == 2
         assert_maps_equal(maps, want)
-        v1 = offline_maps(local, rgb)
+        v1 = offline_maps(rgb)
         assert any(not np.array_equal(v1[t], want[t]) for t in tasks)  # it is another model
 
 
-def test_the_bucket_is_checked_like_a_folder_before_any_export_work(store: str,
+def test_the_bucket_is_checked_like_a_folder_before_any_export_work(store: str, repo: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     s3 = s3_client()
     loc = S3Location(BUCKET, "checks")
-    upload_version(s3, loc, exported_repository(), MODEL, 1)
-    run = exported_repository().parent / "run"
+    upload_version(s3, loc, repo, MODEL, 1)
+    run = repo.parent / "run"
 
     def no_export(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the ONNX export started although the destination must be refused")

@@ -9,11 +9,9 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 from packaging.requirements import Requirement
@@ -28,10 +26,9 @@ from packaging_support import (
     requirements,
     third_party_imports,
 )
-from test_serve_support import exported_repository
 
+from faar_serve.net import free_port, wait_ready
 from faar_serve.settings import Settings
-from faar_serve.triton_local import free_port
 
 
 def exec_form(args: str) -> list[str]:
@@ -103,25 +100,17 @@ def test_the_gpu_runtime_is_pinned_and_excludes_the_cpu_one() -> None:
     assert "onnxruntime" not in {canonicalize_name(r.name) for r in gpu}
 
 
-def test_the_image_command_and_healthcheck_run_outside_a_container(tmp_path: Path) -> None:
+def test_the_image_command_and_healthcheck_run_outside_a_container(repo: Path, tmp_path: Path) -> None:
     (cmd,) = instructions("CMD")
     (health,) = instructions("HEALTHCHECK")
     env = image_env()
     port = free_port()
-    env.update(FAAR_MODEL_REPOSITORY=str(exported_repository()), FAAR_HOST="127.0.0.1", FAAR_PORT=str(port),
+    env.update(FAAR_MODEL_REPOSITORY=str(repo), FAAR_HOST="127.0.0.1", FAAR_PORT=str(port),
                PYTHONPATH=str(ROOT))  # the image installs faar_serve; here the checkout stands in for it
     proc = subprocess.Popen(exec_form(cmd), cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("the gateway did not become ready")
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout=60)
         check = exec_form(health.split("CMD", 1)[1].strip())
         assert subprocess.run(check, env={**os.environ, **env}, timeout=10).returncode == 0
     finally:

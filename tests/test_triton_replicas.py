@@ -18,12 +18,13 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import tritonclient.http as tritonhttp
-from test_serve_support import MODEL, LiveServer, encode, exported_repository, image, post_image, settings
+from support import MODEL, ServeApp, encode, image, post_image, settings
 
 from faar_serve.app import create_app
 from faar_serve.engines.triton import check_url
@@ -46,8 +47,7 @@ class Outcome:
 
 
 @pytest.fixture(scope="module")
-def servers() -> Iterator[tuple[LocalTriton, LocalTriton]]:
-    repo = exported_repository()
+def servers(repo: Path) -> Iterator[tuple[LocalTriton, LocalTriton]]:
     with LocalTriton(repo, extra_args=CONNECTION_AGE) as a, LocalTriton(repo, extra_args=CONNECTION_AGE) as b:
         yield a, b
 
@@ -105,12 +105,12 @@ async def _scenario(url: str, a: LocalTriton, b: LocalTriton) -> dict[str, Any]:
     }}
 
 
-def test_a_killed_replica_fails_only_its_requests_in_flight(servers: tuple[LocalTriton, LocalTriton]) -> None:
+def test_a_killed_replica_fails_only_its_requests_in_flight(servers: tuple[LocalTriton, LocalTriton], repo: Path,
+                                                            live_server: ServeApp) -> None:
     a, b = servers
     target = f"ipv4:127.0.0.1:{a.grpc_port},127.0.0.1:{b.grpc_port}"
-    app = create_app(settings(exported_repository(), engine="triton", triton_url=target, triton_timeout_s=10))
-    with LiveServer(app) as gateway:
-        run = asyncio.run(_scenario(gateway.url, a, b))
+    gateway = live_server(create_app(settings(repo, engine="triton", triton_url=target, triton_timeout_s=10)))
+    run = asyncio.run(_scenario(gateway.url, a, b))
     outcomes: list[Outcome] = run["outcomes"]
     killed_at = run["killed_at"]
     ok = [o for o in outcomes if o.status == 200]
@@ -152,7 +152,7 @@ def test_urls_each_client_takes(url: str, protocol: str) -> None:
     ("dns:///triton-headless:8000", "http", "one server"), ("grpc://triton:8001", "grpc", "dns:///"),
     ("10.0.0.1:8001,10.0.0.2:8001", "grpc", "ipv4:"),
 ])
-def test_a_url_the_client_cannot_use_is_refused_at_start(url: str, protocol: str, says: str) -> None:
+def test_a_url_the_client_cannot_use_is_refused_at_start(url: str, protocol: str, says: str, repo: Path) -> None:
     # faar-serve prints this message as its one-line error (cli.main turns ValueError into an exit).
     with pytest.raises(ValueError, match=re.escape(says)):
-        create_app(settings(exported_repository(), engine="triton", triton_url=url, triton_protocol=protocol))
+        create_app(settings(repo, engine="triton", triton_url=url, triton_protocol=protocol))
