@@ -12,12 +12,12 @@ phases an image goes through, each counted with every copy that exists at once:
   until the answer is encoded), the largest temporary of one resize (normals: the
   unnormalised planes and their length), and the encoded answer: for JSON each 8/16-bit
   plane, its PNG (no smaller than the plane, at worst), its base64 (4/3) and the JSON text
-  that holds it (4/3 again); for NPZ each array in its NPZ dtype three times (the converted
-  array, the archive's buffer, the bytes it returns).
+  that holds it (4/3 again); for NPZ each array in its NPZ dtype twice (the converted array,
+  the archive's buffer; ``BytesIO.getvalue`` hands that buffer over without a copy).
 
 These are upper bounds (PNG compresses maps well), so the budget errs on the side of the
-machine. bench/overload.py checks them against the gateway's peak RSS with uploads that
-declare 6000x6000 pixels.
+machine: for a 6000x6000 upload with ``format=npz`` this says 3.4 GB, and the gateway's
+peak RSS grew by 1.5 GB (bench/RESULTS.md, "Overload").
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .manifest import ModelSpec
 
 DECODE_COPIES = 3
 JSON_FACTOR = 1 + 1 + 4 / 3 + 4 / 3  # plane, PNG, base64, JSON text
-NPZ_COPIES = 3
+NPZ_COPIES = 2
 CHANNELS = {"normals": 3}  # every other kind has one channel
 RESIZE_TEMPORARY = {"normals": 16, "labels": 1}  # bytes per pixel of one resize's temporaries (float maps: 4)
 PNG_PLANE_BYTES = {"labels": 1, "probability": 1, "depth": 2, "normals": 3}  # the encodings of codec.encode_map
