@@ -1,34 +1,45 @@
 """The HTTP server under the gateway: granian (Rust, hyper), with ``--workers`` processes on one port.
 
-Decision (issue 14, "connection hygiene"; numbers from ``python -m bench.servers``, in
-bench/RESULTS.md). Five setups served the same ASGI app under one policy (headers at most
-16 KiB, 5 s to send them, 5 s keep-alive, 256 connections) and were attacked as the issue
-found (limits of 20 s on holding times):
+Decision (issue 14, "connection hygiene"; ``python -m bench.servers``, full table in
+bench/RESULTS.md, "Servers under attack"). Five setups served the same ASGI app under one
+policy (headers at most 16 KiB, 5 s to send them, 5 s keep-alive, 256 connections or
+requests at once) and were attacked as the issue found; holding times capped at 20 s.
+Taken on a loaded 2-core AMD EPYC (load average about 10):
 
-===========================  =========  =============  ============  ===============  ==========
-server                       8 MB hdr   4x64 MiB hdr   idle/slow     after 1000 idle  req/s
-                                        RSS growth     header        connections      (10 KB POST)
-===========================  =========  =============  ============  ===============  ==========
-uvicorn (httptools)          200        grows, open    held forever  503 (limit)      115
-uvicorn (h11)                400        0, closed      held forever  503 (limit)      139
-gunicorn + uvicorn worker    200        grows, open    held forever  200              116
-hypercorn (h11)              431        0, closed      closed at 5 s  200 (no cap)     56
-granian                      431        0, closed      closed at 5 s  200 once freed   117
-===========================  =========  =============  ============  ===============  ==========
+===========================  ======  ===================  ==============  ===========  =================
+server                       8 MB    4 x 64 MiB unfinished  idle / slow     req/s        request after 1000
+                             header  header: MiB taken,     header (4 B/s)  (10 KB POST, idle connections
+                                     RSS growth                             c=16)
+===========================  ======  ===================  ==============  ===========  =================
+uvicorn (httptools)          200     64 each, +351 MiB,   held / held     176          503 (limit), 4 ms
+                                     never closed
+uvicorn (h11)                400     4, +0, closed        held / held     251          503 (limit), 1 ms
+gunicorn + uvicorn worker    200     51, worker killed     held / held     225          200, 5 ms
+                                     by its timeout
+hypercorn (h11)              431     4, +2 MiB, closed    5 s / 5 s       203          200, 6 ms (no cap)
+granian                      431     1, +0, closed        5 s / 5 s       305          waits for room
+===========================  ======  ===================  ==============  ===========  =================
 
-(``--quick`` figures here; the full run is in bench/RESULTS.md.) uvicorn has no header
-timeout at all (its keep-alive timer starts only after a first answer), its httptools
-parser no header size limit, and its h11 parser answers 400, not 431; gunicorn's limits
-apply to its own sync workers, not to the uvicorn worker's parser. hypercorn enforces
-431 and times out idle and slow headers (its keep-alive timer runs until a request's
-headers are complete), but has no connection cap and costs half the throughput in pure
-Python. granian (hyper underneath) answers 431 past ``max_buffer_size``, closes idle and
+uvicorn has no header timeout at all (its keep-alive timer starts only after a first
+answer), its httptools parser no header size limit, and its h11 parser answers 400, not
+431; gunicorn's limits apply to its own sync workers, not to the uvicorn worker's parser.
+hypercorn enforces 431 and times out idle and slow headers (its keep-alive timer runs
+until a request's headers are complete), but has no connection cap and is a third slower.
+granian (hyper underneath) answers 431 past ``max_buffer_size``, closes idle and
 slow-header connections at ``header_read_timeout`` (also the keep-alive idle time: hyper
 times the wait for the next request's headers with the same clock), caps the connections
 a worker serves at once (``backpressure``; the rest wait in the listen backlog), delivers
-``http.disconnect`` when a client goes away, and runs several worker processes on one
-port. None of them bounds the time to send a *body* (a per-read timeout does not stop
-4 bytes/s), so the gateway does that itself (``middleware.BodyLimitMiddleware``, 408).
+``http.disconnect`` when a client goes away, runs several worker processes on one port,
+and was the fastest. So faar-serve runs on granian.
+
+What a cap costs: connections past it wait in the backlog, first come first served, so a
+client that holds N idle connections delays a newcomer by up to ``header_timeout_s`` for
+each ``max_connections`` of them queued ahead (1000 idle against a cap of 256 and 5 s:
+the newcomer was not served within 10 s). Idle connections cost granian next to nothing
+(no RSS growth above), so the default cap is high (1024 per worker) and the header timeout
+short (10 s); behind a proxy, the proxy's own limits come first. None of the servers
+bounds the time to send a *body* (a per-read timeout does not stop 4 bytes/s), so the
+gateway does that itself (``middleware.BodyLimitMiddleware``, 408).
 
 Worker processes are forked by granian and build their app from the settings the
 parent resolved (``worker_app``), passed as JSON in the environment. With several

@@ -5,7 +5,7 @@ Every field maps to ``FAAR_<FIELD>`` (``FAAR_MODEL_REPOSITORY``, ``FAAR_ENGINE``
 (``FAAR_CORS_ORIGINS=https://a.example,https://b.example`` or ``'["https://a.example"]'``).
 
 Defaults that protect the process (issue 14, measured in bench/RESULTS.md): request headers
-at most 16 KiB (431), 10 s to send them, 60 s for the body (408), at most 256 connections
+at most 16 KiB (431), 10 s to send them, 60 s for the body (408), at most 1024 connections
 per worker, 10 s for a request from admission to answer, and a memory budget for the
 images in flight of a quarter of the machine's (or container's) memory, divided among
 the workers (each worker admits on its own).
@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(60.0, gt=0, description="seconds a client has to send the whole body (else 408)")
     keep_alive: bool = Field(True, description="HTTP/1.1 keep-alive (idle connections close after "
                              "--header-timeout-s)")
-    max_connections: int = Field(256, ge=1, description="connections served at once per worker; more wait "
+    max_connections: int = Field(1024, ge=1, description="connections served at once per worker; more wait "
                                  "in the listen backlog")
     retry_after_s: int = Field(1, ge=0, description="Retry-After of 503 answers (at least)")
     api_key: SecretStr | None = Field(None, description="if set, /v1/* (and /metrics) need 'Authorization: "
