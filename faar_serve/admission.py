@@ -12,10 +12,17 @@ header is probed (``cost``) and before anything is decoded. In this order:
    render on shared cores all read as their throughput), and the per-image decode and
    render times. With B images ahead in the engine's queue and G in the gateway, a request
    of k images is expected to answer after the longer of max(decode, B x engine) +
-   k x engine + render and (G + k) x gateway. If that is past its deadline it is refused
-   now, 503 ``deadline`` with a Retry-After of the excess, rather than computed for a
-   caller who will have given up. With nothing ahead a request is always admitted: the
-   estimate can be stale, and only work that runs keeps it true.
+   k x engine + render and (G + k) x gateway, times a calibration: the running ratio of
+   how long admitted requests took, from admission until their answer had been sent, to
+   what was foreseen (it absorbs what the model does not see: HTTP, multipart parsing and
+   JSON of this and other requests on the same cores), plus twice its mean deviation, so
+   that most admitted requests finish in time rather than half of them (bounded to
+   [0.5, 4]). The deadline
+   counts from the request's arrival (its headers), as a client sees it. If the expected
+   answer is past the deadline the request is refused now, 503 ``deadline`` with a
+   Retry-After of the excess, rather than computed for a caller who will have given up.
+   With nothing ahead a request is always admitted: the estimate can be stale, and only
+   work that runs keeps it true.
 3. **Count**: at most ``max_queue`` images between admission and answer (503 ``overloaded``).
 4. **Memory budget**: the admitted images' costs add up to at most the budget. Work over it
    waits in arrival order (no small request overtakes a big one that waits) for at most
@@ -41,6 +48,8 @@ from .telemetry import Metrics
 
 MB = 1e6
 EWMA = 0.2  # weight of the newest sample: a few requests move the estimate, one outlier does not
+CALIBRATION_MIN, CALIBRATION_MAX = 0.5, 4.0
+SPREAD = 2.0  # deviations of margin: most admitted requests finish in time, not half of them
 
 
 def _ewma(old: float | None, sample: float) -> float:
@@ -78,6 +87,13 @@ class ServiceClock:
     system: BusyClock = field(default_factory=BusyClock)
     decode_s: float | None = None
     render_s: float | None = None
+    ratio: float = 1.0  # observed / foreseen time of admitted requests: its running mean ...
+    ratio_dev: float = 0.0  # ... and mean deviation
+
+    @property
+    def calibration(self) -> float:
+        """The ratio with a margin for its spread (as TCP's retransmission timer: mean + k x deviation)."""
+        return min(CALIBRATION_MAX, max(CALIBRATION_MIN, self.ratio + SPREAD * self.ratio_dev))
 
     def stage(self, name: str, seconds_per_image: float) -> None:
         setattr(self, f"{name}_s", _ewma(getattr(self, f"{name}_s"), seconds_per_image))
@@ -89,7 +105,15 @@ class ServiceClock:
         the first cannot: decoding and rendering of others on the same cores."""
         engine, decode, render = self.engine.per_image_s or 0.0, self.decode_s or 0.0, self.render_s or 0.0
         by_engine = max(decode, in_engine_queue * engine) + images * engine + render
-        return max(by_engine, (in_gateway + images) * (self.system.per_image_s or 0.0))
+        return self.calibration * max(by_engine, (in_gateway + images) * (self.system.per_image_s or 0.0))
+
+    def observed(self, expected_s: float, took_s: float) -> None:
+        """An admitted request took ``took_s`` where ``expected_s`` was foreseen: the ratio corrects
+        later estimates (bounded, so one outlier cannot shut the gateway or open it wide)."""
+        if expected_s > 0:
+            sample = took_s / (expected_s / self.calibration)  # against the uncalibrated estimate
+            self.ratio_dev = _ewma(self.ratio_dev, abs(sample - self.ratio))
+            self.ratio = _ewma(self.ratio, sample)
 
 
 @dataclass
@@ -97,8 +121,15 @@ class Ticket:
     """An admitted request's place: whether its images went into and came out of the engine."""
 
     images: int
+    expected_s: float  # foreseen at admission
+    admitted: float = field(default_factory=time.monotonic)
     sent: bool = False
     served: bool = False
+
+    def answered(self, clock: ServiceClock, at: float) -> None:
+        """The answer left at ``at``: how long it took from admission corrects the clock."""
+        if self.served:
+            clock.observed(self.expected_s, at - self.admitted)
 
 
 @dataclass
@@ -131,8 +162,9 @@ class Admission:
             headers = {"Retry-After": str(max(self.retry_after_s, math.ceil(retry_after_s)))}
         return ApiError(status, code, detail, headers)
 
-    def check(self, costs: list[int], deadline: float) -> None:
-        """Steps 1-3 (no waiting): raises the refusal, or returns when the request may queue for memory."""
+    def check(self, costs: list[int], deadline: float) -> float:
+        """Steps 1-3 (no waiting): raises the refusal, or returns the seconds the request is expected to
+        take, when it may queue for memory."""
         worst = max(costs)
         if worst > self.budget:
             raise self._refuse(413, "too_costly", f"this image needs about {worst / MB:.0f} MB to serve; the "
@@ -148,14 +180,15 @@ class Admission:
         if self.images + images > self.max_images:
             raise self._refuse(503, "overloaded", f"{self.images} images in progress, the gateway holds "
                                f"{self.max_images} (--max-queue); retry later", self.retry_after_s)
+        return expected
 
     @contextlib.asynccontextmanager
     async def admit(self, costs: list[int], deadline: float) -> AsyncIterator[Ticket]:
         """Holds the request's images and memory while it runs; refuses as described above."""
-        self.check(costs, deadline)
+        expected = self.check(costs, deadline)
         cost, images = sum(costs), len(costs)
         await self._reserve(cost, deadline)
-        ticket = Ticket(images)
+        ticket = Ticket(images, expected)
         self.clock.system.started(images)
         self.images += images
         self.ahead += images

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from typing import Annotated, Any, TypeVar
 import numpy as np
 from fastapi import Depends, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import State
 
 from . import codec, cost
 from .admission import Admission
@@ -106,15 +108,19 @@ class Gateway:
         return cost.image_cost(upload_bytes=len(data), decoded_hw=hw, output_hw=hw, spec=self.spec, tasks=tasks,
                                fmt=fmt)
 
-    async def predict(self, uploads: list[UploadFile], tasks: list[str], fmt: str) -> list[Rendered]:
-        """Admit, decode, infer in one engine call, render: one ``Rendered`` per upload, in order. The
-        deadline runs from here (the body is in): a slow upload is the body timeout's business."""
-        deadline = time.monotonic() + self.settings.request_timeout_s
+    async def predict(self, uploads: list[UploadFile], tasks: list[str], fmt: str,
+                      state: State | None = None) -> list[Rendered]:
+        """Admit, decode, infer in one engine call, render: one ``Rendered`` per upload, in order.
+        ``state`` is the request's (``middleware.MetricsMiddleware``): the deadline counts from its
+        ``arrived``, and its ``answered`` is set to tell admission when the answer has gone."""
+        deadline = getattr(state, "arrived", time.monotonic()) + self.settings.request_timeout_s
         payloads = [await upload.read() for upload in uploads]
         batch = len(uploads) > 1  # errors name the image only where there are several
         where = [f"image {i} ({u.filename!r}): " if batch else "" for i, u in enumerate(uploads)]
         costs = [self.cost(data, tasks, fmt, w) for data, w in zip(payloads, where, strict=True)]
         async with self.admission.admit(costs, deadline) as ticket:
+            if state is not None:
+                state.answered = functools.partial(ticket.answered, self.admission.clock)
             t0 = time.monotonic()
             decoded = await asyncio.gather(*map(self._decode, payloads, where))
             self.admission.clock.stage("decode", (time.monotonic() - t0) / len(decoded))

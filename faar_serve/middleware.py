@@ -90,7 +90,9 @@ class BodyLimitMiddleware:
 
 
 class MetricsMiddleware:
-    """Counts every answer (413s from the body limit and 500s included) by route template."""
+    """Counts every answer (413s from the body limit and 500s included) by route template. Notes when
+    each request arrived (``request.state.arrived``, ``time.monotonic()``: its deadline counts from
+    there) and calls ``request.state.answered(time)`` once the answer has been sent, if set."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -102,6 +104,8 @@ class MetricsMiddleware:
             return
         status = 500
         start = time.perf_counter()
+        state = scope.setdefault("state", {})
+        state["arrived"] = time.monotonic()  # the deadline counts from here
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -112,6 +116,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
+            if "answered" in state:  # the gateway wants to know when the answer has gone
+                state["answered"](time.monotonic())
             route: Any = scope.get("route")
             path = getattr(route, "path", "unmatched")  # templates only: bounded label values
             self.metrics.requests.labels(path, scope["method"], str(status)).inc()

@@ -74,7 +74,7 @@ async def predict(gw: GatewayDep, request: Request,
                   tasks: TasksQuery = None, format: FormatQuery = "json") -> Any:
     """Every map (or the ``tasks`` asked for) of one image, at the image's own size."""
     names = gw.tasks(tasks)
-    (rendered,) = await gw.until_disconnected(request, gw.predict([image], names, format))
+    (rendered,) = await gw.until_disconnected(request, gw.predict([image], names, format, request.state))
     headers = {"Server-Timing": server_timing(rendered.timings_ms)}
     if format == "npz":
         return Response(codec.npz_bytes(rendered.maps), media_type=NPZ_MEDIA_TYPE, headers=headers)
@@ -90,7 +90,7 @@ async def predict_batch(gw: GatewayDep, request: Request,
     limit = min(gw.settings.max_batch_images, gw.settings.max_queue)  # a bigger one could never be admitted
     if len(images) > limit:
         raise ApiError(413, "too_many_images", f"{len(images)} images; a batch request takes at most {limit}")
-    rendered = await gw.until_disconnected(request, gw.predict(images, names, format))
+    rendered = await gw.until_disconnected(request, gw.predict(images, names, format, request.state))
     if format == "npz":
         arrays = {f"{i}/{task}": arr for i, r in enumerate(rendered) for task, arr in r.maps.items()}
         return Response(codec.npz_bytes(arrays), media_type=NPZ_MEDIA_TYPE)
