@@ -15,7 +15,7 @@ header is probed (``cost``) and before anything is decoded. In this order:
    k x engine + render and (G + k) x gateway, times a calibration: the running ratio of
    how long admitted requests took, from admission until their answer had been sent, to
    what was foreseen (it absorbs what the model does not see: HTTP, multipart parsing and
-   JSON of this and other requests on the same cores), plus twice its mean deviation, so
+   JSON of this and other requests on the same cores), plus four times its mean deviation, so
    that most admitted requests finish in time rather than half of them (bounded to
    [0.5, 4]). The deadline
    counts from the request's arrival (its headers), as a client sees it. If the expected
@@ -49,7 +49,7 @@ from .telemetry import Metrics
 MB = 1e6
 EWMA = 0.2  # weight of the newest sample: a few requests move the estimate, one outlier does not
 CALIBRATION_MIN, CALIBRATION_MAX = 0.5, 4.0
-SPREAD = 2.0  # deviations of margin: most admitted requests finish in time, not half of them
+SPREAD = 4.0  # deviations of margin, as TCP: most admitted requests finish in time, not half of them
 
 
 def _ewma(old: float | None, sample: float) -> float:

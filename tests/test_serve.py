@@ -314,6 +314,11 @@ def test_health_ready_model_metrics_docs(client: TestClient, repo: Path) -> None
     assert client.get("/nope").json()["error"] == "not_found"
 
 
+def test_the_whole_manifest_only_when_asked(repo: Path) -> None:
+    with TestClient(create_app(settings(repo, expose_manifest=True))) as c:
+        assert c.get("/v1/model").json()["manifest"] == manifest(repo)
+
+
 def test_api_key_and_cors(repo: Path) -> None:
     app = create_app(settings(repo, api_key="s3cret", cors_origins=["https://app.example"]))
     with TestClient(app) as c:
