@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from faar.cli import train_main
 from faar.config import load_config
-from faar.run import load_model
-from faar.train import TrainError, latest_state, train
+from faar.run import latest_state, load_model
+from faar.train import TrainError, train
 
 # Two steps an epoch, three epochs: enough for shrinking to show, quick on 2 cores.
 SMALL = ["data.num_train=16", "data.num_val=8", "train.epochs=3"]
