@@ -405,6 +405,20 @@ def test_trivial_baseline_constants_and_scores() -> None:
     assert set(r) == set(ALL)
 
 
+def test_samples_without_a_label_do_not_count() -> None:
+    """A sample whose label is all unlabelled (how a missing label arrives) changes no task's metrics."""
+    tasks = resolve_tasks(ALL)
+    targets, preds = random_targets(5, b=3), random_preds(6, tasks, b=3)
+    subset = MultiTaskMetrics(tasks)
+    subset.update({n: p[[0, 2]] for n, p in preds.items()}, {n: t[[0, 2]] for n, t in targets.items()})
+    mixed = MultiTaskMetrics(tasks)
+    unlabelled = {n: t.clone() for n, t in targets.items()}
+    for name, spec in tasks.items():
+        unlabelled[name][1] = spec.rules.unlabelled(spec, (6, 5))
+    mixed.update(preds, unlabelled)
+    assert mixed.compute() == subset.compute()
+
+
 def test_missing_task_raises() -> None:
     tasks = resolve_tasks(["semseg", "depth"])
     t = random_targets(0)
