@@ -20,8 +20,9 @@ from faar.cli import train_main
 from faar.config import load_config
 from faar.data import Scenes
 from faar.model import build_model
+from faar.ranks import rank_report, report_line
 from faar.run import latest_state, load_model
-from faar.train import TrainError, task_losses, train
+from faar.train import TrainError, amp_dtype, task_losses, train
 
 # Two steps an epoch, three epochs: enough for shrinking to show, quick on 2 cores.
 SMALL = ["data.num_train=16", "data.num_val=8", "train.epochs=3"]
@@ -103,12 +104,39 @@ def test_sigkill_then_resume_matches_uninterrupted(full_run: Path, tmp_path: Pat
     assert ma["val"]["semseg"]["miou"] == pytest.approx(mb["val"]["semseg"]["miou"], abs=0.5)
 
 
+def test_resuming_a_finished_run_reports_the_final_ranks(full_run: Path) -> None:
+    """--resume of a finished run trains nothing and prints the rank report of the ranks the run ended
+    with (it used to print the one saved with the last state, computed an epoch earlier)."""
+    lines: list[str] = []
+    history = train(load_config("tiny", SMALL), full_run, resume=True, quiet=True, log=lines.append)
+    assert len(history["epochs"]) == 3 and history["epochs"][-1]["adapters_shrunk"] > 0
+    final = load_model(full_run).ranks()
+    record = {n: {**r, "rank": final[n]} for n, r in history["ranks"]["initial"].items()}
+    report = rank_report(record)
+    assert history["ranks"]["report"] == report
+    assert json.loads((full_run / "ranks.json").read_text())["report"] == report
+    assert json.loads((latest_state(full_run) / "state.json").read_text())["history"]["ranks"]["report"] == report
+    assert lines[-1] == report_line(report)
+    assert min(final.values()) >= load_config("tiny").pdrs.min_rank
+
+
+@pytest.mark.parametrize("capability,dtype", [((7, 5), torch.float16), ((7, 0), torch.float16),
+                                              ((8, 0), torch.bfloat16), ((8, 9), torch.bfloat16),
+                                              ((9, 0), torch.bfloat16)])
+def test_amp_uses_bfloat16_only_on_hardware_that_has_it(capability: tuple[int, int], dtype: torch.dtype) -> None:
+    """A T4 (7.5) emulates bf16 (torch.cuda.is_bf16_supported() says yes there): float16 + GradScaler."""
+    assert amp_dtype(capability) is dtype
+
+
 def test_summary_prints_json_last_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert train_main(["--config", "mtlora_pascal_r64", "--summary"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     summary = json.loads(last)
     assert summary["trainable_parameters"] == 8_344_634
     assert set(summary["trainable_by_group"]) == {"adapters", "other_backbone", "decoder", "spectral"}
+    assert train_main(["--config", "faar_pascal_swin_t", "--summary"]) == 0
+    tspd = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["trainable_by_group"]["spectral"]
+    assert tspd == 150_456  # TS-PD as published (test_model.py shows how the number arises)
 
 
 def test_cli_errors_are_clear(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
