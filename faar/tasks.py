@@ -74,6 +74,11 @@ class TaskKind:
         """Kind-specific manifest fields that tell a client how to read the map."""
         raise NotImplementedError
 
+    def unlabelled(self, spec: TaskSpec, size: tuple[int, int]) -> torch.Tensor:
+        """The training target of a sample that lacks this task's label: every pixel unlabelled,
+        shaped as ``transform_sample`` shapes a real one ((1, H, W) here)."""
+        return torch.full((1, *size), float(IGNORE_INDEX))
+
     def baseline_sums(self, spec: TaskSpec, target: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Sufficient statistics of one target batch for the input-blind baseline."""
         valid = target != IGNORE_INDEX
@@ -119,6 +124,9 @@ class LabelsKind(TaskKind):
 
     def manifest_fields(self, spec: TaskSpec) -> dict[str, Any]:
         return {"classes": list(spec.classes), "palette": palette(spec.channels)}
+
+    def unlabelled(self, spec: TaskSpec, size: tuple[int, int]) -> torch.Tensor:
+        return torch.full(size, IGNORE_INDEX, dtype=torch.long)
 
     def baseline_sums(self, spec: TaskSpec, target: torch.Tensor) -> tuple[torch.Tensor, int]:
         labels = target.long()[target != IGNORE_INDEX]
@@ -176,6 +184,9 @@ class NormalsKind(TaskKind):
     def manifest_fields(self, spec: TaskSpec) -> dict[str, Any]:
         return {"convention": spec.description}
 
+    def unlabelled(self, spec: TaskSpec, size: tuple[int, int]) -> torch.Tensor:
+        return torch.zeros(3, *size)
+
     def baseline_sums(self, spec: TaskSpec, target: torch.Tensor) -> tuple[torch.Tensor, int]:
         vectors = target.movedim(1, -1)[normals_valid(target)[:, 0]].double()
         return vectors.sum(0), vectors.shape[0]
@@ -202,6 +213,9 @@ class DepthKind(TaskKind):
 
     def manifest_fields(self, spec: TaskSpec) -> dict[str, Any]:
         return {"units": spec.units}
+
+    def unlabelled(self, spec: TaskSpec, size: tuple[int, int]) -> torch.Tensor:
+        return torch.zeros(1, *size)
 
     def baseline_sums(self, spec: TaskSpec, target: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The mean labelled depth: the constant with the least rmse."""
