@@ -74,7 +74,8 @@ def export_main(argv: list[str] | None = None) -> int:
     add = parser.add_argument
     add("--run", required=True, metavar="RUN_DIR", help="run directory (model.json + model.safetensors)")
     add("--out", required=True, metavar="REPO_DIR", help="Triton model repository to write into")
-    add("--name", default="faar", help="model name, the folder under REPO_DIR (default: faar)")
+    add("--name", default="", help="model name, the folder under REPO_DIR (default: faar, or faar_gpu with "
+        "--device-kind gpu: config.pbtxt fixes the instance kind for every version of a name)")
     add("--version", type=int, default=1, help="model version folder, >= 1 (default: 1)")
     add("--height", type=int, help="input height, a multiple of 32 (default: the run's size)")
     add("--width", type=int, help="input width, a multiple of 32 (default: the run's size)")
@@ -91,7 +92,14 @@ def export_main(argv: list[str] | None = None) -> int:
         help="also output TASK_probs (float32 class probabilities) for label tasks")
     add("--max-batch-size", type=int, default=8, help="Triton max_batch_size (default: 8)")
     add("--device-kind", choices=["gpu", "cpu"], default="cpu",
-        help="Triton instance_group kind (default: cpu)")
+        help="Triton instance_group kind (default: cpu); gpu also names the CUDA provider, TF32 off")
+    add("--tf32", action="store_true",
+        help="gpu: let the server use TF32 for fp32 MatMul/Conv (faster on Ampere+, not what parity checked)")
+    add("--queue-timeout-s", type=float, default=10.0,
+        help="Triton rejects a request still queued after this long, or after its own shorter timeout "
+             "(default: 10, the gateway's --triton-timeout-s default)")
+    add("--parity-device", choices=["cpu", "cuda"], default="cpu",
+        help="where the parity gate runs the graph in ONNX Runtime (default: cpu; cuda runs with TF32 off)")
     add("--opset", type=int, help="ONNX opset (default: 18)")
     add("--overwrite", action="store_true", help="replace an existing NAME/VERSION folder")
     args = parser.parse_args(argv)
@@ -102,7 +110,8 @@ def export_main(argv: list[str] | None = None) -> int:
     options = ExportOptions(name=args.name, version=args.version, height=args.height, width=args.width,
                             fft=args.fft, fp16=args.fp16, max_batch_size=args.max_batch_size,
                             device_kind=args.device_kind, opset=args.opset, probabilities=args.probabilities,
-                            overwrite=args.overwrite, exporter=args.exporter)
+                            overwrite=args.overwrite, exporter=args.exporter, queue_timeout_s=args.queue_timeout_s,
+                            parity_device=args.parity_device, tf32=args.tf32)
     try:
         result = export_run(args.run, args.out, options)
     except (ExportError, RunError) as exc:
