@@ -7,6 +7,10 @@ and a Python-based backend named ``onnxruntime`` (``triton_backend/model.py``), 
 exported repository (``backend: "onnxruntime"``) loads unchanged. NVIDIA's container
 uses its native backend for the same folder.
 
+``models`` loads only the models named (Triton's explicit model control), e.g. ``faar``
+from a repository that also holds ``faar_gpu``, whose KIND_GPU instances cannot load on a
+machine without a GPU (and would stop the server: it runs with ``--exit-on-error``).
+
 The model code runs in this interpreter's environment (numpy<2 is required there: with
 numpy 2 inputs arrive as zeros without any error). A stub that cannot load its libpython
 leaves the server "loading" forever, so readiness is always awaited with a deadline.
@@ -24,6 +28,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -101,7 +106,7 @@ class LocalTriton:
 
     def __init__(self, model_repository: str | os.PathLike, http_port: int | None = None,
                  grpc_port: int | None = None, workdir: str | os.PathLike | None = None,
-                 host: str = "127.0.0.1", log_verbose: int = 0) -> None:
+                 host: str = "127.0.0.1", log_verbose: int = 0, models: Sequence[str] = ()) -> None:
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
             raise TritonStartError(f"model repository {self.model_repository} is not a directory")
@@ -112,6 +117,7 @@ class LocalTriton:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="faar-triton-"))
         self.log_path = self.workdir / "tritonserver.log"
         self.log_verbose = log_verbose
+        self.models = list(models)  # empty: every model in the repository
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -142,6 +148,8 @@ class LocalTriton:
             "--exit-on-error=true",
             "--exit-timeout-secs=5",
             f"--log-verbose={self.log_verbose}",
+            *(["--model-control-mode=explicit"] if self.models else []),
+            *(f"--load-model={name}" for name in self.models),
         ]
 
     def start(self, timeout_s: float = 60.0) -> LocalTriton:

@@ -228,9 +228,17 @@ def to_fp16(proto: onnx.ModelProto, spectral: Sequence[str]) -> onnx.ModelProto:
     """float16 weights and compute, except the graph's inputs and outputs and every node of the
     spectral blocks named by their scopes ``spectral``."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
-    return convert_float_to_float16(proto, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, "DFT"],
-                                    node_block_list=spectral_nodes(proto, spectral))
+    converted = convert_float_to_float16(proto, keep_io_types=True,
+                                         op_block_list=[*DEFAULT_OP_BLOCK_LIST, "DFT"],
+                                         node_block_list=spectral_nodes(proto, spectral))
+    # The converter appends the casts around blocked nodes at the end and leaves intermediate
+    # types as they were: drop those (the checker infers them again) and restore the node order.
+    del converted.graph.value_info[:]
+    model = OnnxModel(converted)
+    model.topological_sort()
+    return model.model
 
 
 def _prune_opset_imports(proto: onnx.ModelProto) -> None:
