@@ -73,7 +73,9 @@ def export_main(argv: list[str] | None = None) -> int:
     )
     add = parser.add_argument
     add("--run", required=True, metavar="RUN_DIR", help="run directory (model.json + model.safetensors)")
-    add("--out", required=True, metavar="REPO_DIR", help="Triton model repository to write into")
+    add("--out", required=True, metavar="REPO_DIR",
+        help="Triton model repository to write into: a folder, or s3://bucket/prefix (staged locally, "
+             "checked against the bucket's contents, then uploaded with boto3; needs faar[s3])")
     add("--name", default="", help="model name, the folder under REPO_DIR (default: faar, or faar_gpu with "
         "--device-kind gpu: config.pbtxt fixes the instance kind for every version of a name)")
     add("--version", type=int, default=1, help="model version folder, >= 1 (default: 1)")
@@ -102,6 +104,9 @@ def export_main(argv: list[str] | None = None) -> int:
         help="where the parity gate runs the graph in ONNX Runtime (default: cpu; cuda runs with TF32 off)")
     add("--opset", type=int, help="ONNX opset (default: 18)")
     add("--overwrite", action="store_true", help="replace an existing NAME/VERSION folder")
+    add("--s3-endpoint-url", metavar="URL",
+        help="S3-compatible endpoint for --out s3://... (default: AWS_ENDPOINT_URL, else AWS); "
+             "credentials as boto3 finds them (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profiles, roles)")
     args = parser.parse_args(argv)
 
     from .export import ExportError, ExportOptions, export_run
@@ -112,6 +117,19 @@ def export_main(argv: list[str] | None = None) -> int:
                             device_kind=args.device_kind, opset=args.opset, probabilities=args.probabilities,
                             overwrite=args.overwrite, exporter=args.exporter, queue_timeout_s=args.queue_timeout_s,
                             parity_device=args.parity_device, tf32=args.tf32)
+    from .export.storage import export_to_s3, is_object_store
+
+    if is_object_store(args.out):
+        try:
+            uploaded = export_to_s3(args.run, args.out, options, args.s3_endpoint_url)
+        except (ExportError, RunError) as exc:
+            return _fail(str(exc))
+        for warning in uploaded.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(json.dumps({"model": uploaded.model_url, "version": uploaded.version, "objects": uploaded.keys,
+                          "triton_model_repository": uploaded.triton_repository,
+                          "sha256": uploaded.manifest["onnx"]["sha256"]}))
+        return 0
     try:
         result = export_run(args.run, args.out, options)
     except (ExportError, RunError) as exc:

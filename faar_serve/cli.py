@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def triton_main(argv: Sequence[str] | None = None) -> None:
-    from .triton_local import LocalTriton, TritonStartError
+    from .triton_local import LocalTriton, TritonStartError, explicit_models
 
     parser = argparse.ArgumentParser(
         prog="faar-triton", description="Run a real Triton Inference Server (from the nvidia-pytriton wheel) "
@@ -86,7 +86,7 @@ def triton_main(argv: Sequence[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, stop)
     try:
         server = LocalTriton(args.model_repository, args.http_port, args.grpc_port, args.workdir, args.host,
-                             args.log_verbose, args.model)
+                             args.log_verbose, extra_args=explicit_models(args.model))
         with server:
             print(f"triton ready: grpc {server.grpc_url}, http {server.http_url}, log {server.log_path}",
                   flush=True)
