@@ -76,7 +76,8 @@ def export_main(argv: list[str] | None = None) -> int:
     add("--out", required=True, metavar="REPO_DIR",
         help="Triton model repository to write into: a folder, or s3://bucket/prefix (staged locally, "
              "checked against the bucket's contents, then uploaded with boto3; needs faar[s3])")
-    add("--name", default="faar", help="model name, the folder under REPO_DIR (default: faar)")
+    add("--name", default="", help="model name, the folder under REPO_DIR (default: faar, or faar_gpu with "
+        "--device-kind gpu: config.pbtxt fixes the instance kind for every version of a name)")
     add("--version", type=int, default=1, help="model version folder, >= 1 (default: 1)")
     add("--height", type=int, help="input height, a multiple of 32 (default: the run's size)")
     add("--width", type=int, help="input width, a multiple of 32 (default: the run's size)")
@@ -93,7 +94,14 @@ def export_main(argv: list[str] | None = None) -> int:
         help="also output TASK_probs (float32 class probabilities) for label tasks")
     add("--max-batch-size", type=int, default=8, help="Triton max_batch_size (default: 8)")
     add("--device-kind", choices=["gpu", "cpu"], default="cpu",
-        help="Triton instance_group kind (default: cpu)")
+        help="Triton instance_group kind (default: cpu); gpu also names the CUDA provider, TF32 off")
+    add("--tf32", action="store_true",
+        help="gpu: let the server use TF32 for fp32 MatMul/Conv (faster on Ampere+, not what parity checked)")
+    add("--queue-timeout-s", type=float, default=10.0,
+        help="Triton rejects a request still queued after this long, or after its own shorter timeout "
+             "(default: 10, the gateway's --triton-timeout-s default)")
+    add("--parity-device", choices=["cpu", "cuda"], default="cpu",
+        help="where the parity gate runs the graph in ONNX Runtime (default: cpu; cuda runs with TF32 off)")
     add("--opset", type=int, help="ONNX opset (default: 18)")
     add("--overwrite", action="store_true", help="replace an existing NAME/VERSION folder")
     add("--s3-endpoint-url", metavar="URL",
@@ -107,7 +115,8 @@ def export_main(argv: list[str] | None = None) -> int:
     options = ExportOptions(name=args.name, version=args.version, height=args.height, width=args.width,
                             fft=args.fft, fp16=args.fp16, max_batch_size=args.max_batch_size,
                             device_kind=args.device_kind, opset=args.opset, probabilities=args.probabilities,
-                            overwrite=args.overwrite, exporter=args.exporter)
+                            overwrite=args.overwrite, exporter=args.exporter, queue_timeout_s=args.queue_timeout_s,
+                            parity_device=args.parity_device, tf32=args.tf32)
     from .export.storage import export_to_s3, is_object_store
 
     if is_object_store(args.out):

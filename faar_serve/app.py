@@ -24,7 +24,7 @@ from .admission import Admission
 from .engines import create_engine
 from .errors import install_error_handlers
 from .gateway import Gateway
-from .manifest import load_model_spec
+from .manifest import ModelSpec
 from .middleware import BodyLimitMiddleware, MetricsMiddleware
 from .routes import inference, operations, web
 from .settings import Settings
@@ -32,16 +32,25 @@ from .telemetry import Metrics
 
 
 def create_gateway(settings: Settings) -> Gateway:
-    """Reads the model now (a bad repository fails here, named); the engine starts with the app."""
-    spec = load_model_spec(settings.model_repository, settings.model, settings.model_version)
+    """The embedded engine reads the model now (a bad repository fails here, named); the Triton
+    engine learns it from Triton once it answers. Engines start with the app."""
     metrics = Metrics()
     admission = Admission(settings.max_queue, metrics, settings.retry_after_s)
-    engine = create_engine(settings, spec, lambda: admission.upstream, metrics.batch_size.observe)
-    return Gateway(settings, spec, metrics, admission, engine)
+    engine = create_engine(settings, lambda: admission.upstream, metrics.batch_size.observe)
+    return Gateway(settings, metrics, admission, engine)
+
+
+def describe(settings: Settings, spec: ModelSpec | None) -> str:
+    """The OpenAPI description: the model's tasks and size when known at start."""
+    if spec is None:
+        return (f"Dense maps of uploaded images from model {settings.model!r} served by Triton at "
+                f"{settings.triton_url}; its tasks, input size and version: GET /v1/model.")
+    return (f"Dense maps ({', '.join(spec.tasks)}) of uploaded images from model {spec.name!r} "
+            f"v{spec.version} ({spec.height}x{spec.width} input), engine {settings.engine}.")
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """The gateway for ``settings`` (the model is read now; the engine starts with the app)."""
+    """The gateway for ``settings`` (the embedded engine reads the model now; engines start with the app)."""
     gw = create_gateway(settings)
 
     @contextlib.asynccontextmanager
@@ -52,10 +61,9 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await gw.engine.close()
 
-    spec = gw.spec
-    description = (f"Dense maps ({', '.join(spec.tasks)}) of uploaded images from model {spec.name!r} "
-                   f"v{spec.version} ({spec.height}x{spec.width} input), engine {settings.engine}.")
-    app = FastAPI(title="FAAR gateway", version=str(spec.version), lifespan=lifespan, description=description)
+    spec = gw.engine.spec
+    app = FastAPI(title="FAAR gateway", version=str(spec.version) if spec else "from Triton", lifespan=lifespan,
+                  description=describe(settings, spec))
     app.state.gateway = gw
     app.include_router(inference.router)
     app.include_router(operations.router)

@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def triton_main(argv: Sequence[str] | None = None) -> None:
-    from .triton_local import LocalTriton, TritonStartError
+    from .triton_local import LocalTriton, TritonStartError, explicit_models
 
     parser = argparse.ArgumentParser(
         prog="faar-triton", description="Run a real Triton Inference Server (from the nvidia-pytriton wheel) "
@@ -75,6 +75,9 @@ def triton_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the models to load")
     parser.add_argument("--workdir", help="backend directory and log (default: a temporary folder)")
     parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--model", action="append", default=[], metavar="NAME",
+                        help="load only this model (repeat for several; default: every model in the repository), "
+                        "e.g. faar on a machine without a GPU when the repository also holds faar_gpu")
     args = parser.parse_args(argv)
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -83,7 +86,7 @@ def triton_main(argv: Sequence[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, stop)
     try:
         server = LocalTriton(args.model_repository, args.http_port, args.grpc_port, args.workdir, args.host,
-                             args.log_verbose)
+                             args.log_verbose, extra_args=explicit_models(args.model))
         with server:
             print(f"triton ready: grpc {server.grpc_url}, http {server.http_url}, log {server.log_path}",
                   flush=True)

@@ -3,8 +3,13 @@
 ``predict`` is the request path after the body limit: admission -> read + decode + resize
 (worker threads) -> one engine call for all uploads -> resize maps back + encode (worker
 threads). CPU work never runs on the event loop, so no upload can stall other requests.
-The parts (settings, model spec, metrics, admission, engine) are built and wired by
+The parts (settings, metrics, admission, engine) are built and wired by
 ``app.create_app``; routes reach the Gateway through the ``GatewayDep`` dependency.
+
+The model is the engine's (``Engine.spec``): read from the repository at start by the
+embedded engine, from Triton once it answers by the Triton engine. Until then ``spec``
+raises ``EngineUnavailable``, so every ``/v1`` route answers 503 with ``Retry-After``
+(``/v1/model`` included: there is no manifest to show yet) and ``/readyz`` says why.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from . import codec
 from .admission import Admission
-from .engines import Engine, EngineResult
+from .engines import Engine, EngineResult, EngineUnavailable
 from .errors import ApiError
 from .manifest import ModelSpec
 from .settings import Settings
@@ -45,13 +50,20 @@ class Rendered:
 
 @dataclass
 class Gateway:
-    """What the routes share: settings, model, metrics, admission, engine."""
+    """What the routes share: settings, metrics, admission, engine (and through it the model)."""
 
     settings: Settings
-    spec: ModelSpec
     metrics: Metrics
     admission: Admission
     engine: Engine
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The served model; ``EngineUnavailable`` (503) while the engine does not know it yet."""
+        spec = self.engine.spec
+        if spec is None:
+            raise EngineUnavailable(f"model {self.settings.model!r} is not known yet: {self.engine.detail}")
+        return spec
 
     def tasks(self, names: str | None) -> list[str]:
         try:

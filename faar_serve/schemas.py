@@ -55,6 +55,10 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     ready: bool
-    engine: str
+    engine: str = Field(description="onnx (embedded ONNX Runtime) or triton")
     model: str
-    version: int
+    version: int | None = Field(description="null while the gateway has not read the model from Triton yet")
+    provider: str | None = Field(description="what runs the graph: ONNX Runtime's execution provider now "
+                                 "(e.g. CUDAExecutionProvider, CPUExecutionProvider), or Triton's instance kind "
+                                 "(KIND_GPU, KIND_CPU); null while unknown")
+    detail: str | None = Field(None, description="why it is not ready, when known")

@@ -2,6 +2,10 @@
 
 Every field maps to ``FAAR_<FIELD>`` (``FAAR_MODEL_REPOSITORY``, ``FAAR_ENGINE``,
 ``FAAR_API_KEY``...); lists are JSON (``FAAR_CORS_ORIGINS='["https://a.example"]'``).
+
+``model_repository`` is required by the embedded engine only: with ``engine=triton`` the
+gateway reads the model (manifest, batch limit, version) from Triton, so it needs no copy
+of the repository, and a repository given anyway is not read.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1 << 20
@@ -18,12 +22,17 @@ MiB = 1 << 20
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FAAR_", protected_namespaces=(), extra="ignore")
 
-    model_repository: Path = Field(description="Triton model repository written by faar-export")
-    model: str = Field("faar", description="model folder inside the repository")
+    model_repository: Path | None = Field(
+        None, description="model repository written by faar-export; the onnx engine reads the model there "
+        "(required), the triton engine reads it from Triton (not needed)")
+    model: str = Field("faar", description="model name: its folder in the repository, its name in Triton")
     model_version: int | None = Field(None, ge=1, description="version to serve; default: the highest")
     engine: Literal["onnx", "triton"] = Field("onnx", description="embedded ONNX Runtime, or a Triton server")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="onnx engine: auto = CUDA when onnxruntime-gpu sees a GPU, else CPU")
+    cuda_tf32: bool = Field(
+        False, description="onnx engine on CUDA: let fp32 MatMul/Conv use TF32 (Ampere and newer; faster, but "
+        "not the fp32 the export's parity gate checked); ONNX Runtime's own default is on")
     triton_url: str = Field(
         "127.0.0.1:8001", description="host:port of Triton's gRPC or HTTP endpoint; with gRPC also several "
         "replicas, balanced round-robin: dns:///name:port (every address of the name) or ipv4:h1:p1,h2:p2")
@@ -47,6 +56,13 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="if set, /v1/* needs 'Authorization: Bearer <key>'")
     cors_origins: list[str] = Field(default_factory=list, description="origins CORS allows; empty: off")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @model_validator(mode="after")
+    def _repository_for_onnx(self) -> Settings:
+        if self.engine == "onnx" and self.model_repository is None:
+            raise ValueError("the onnx engine needs model_repository (--model-repository or "
+                             "FAAR_MODEL_REPOSITORY); only --engine triton reads the model from Triton")
+        return self
 
     def describe(self) -> dict[str, Any]:
         """The effective settings for the start-up log (the API key masked)."""

@@ -3,7 +3,9 @@ as in tests). ``middleware.MetricsMiddleware`` counts requests; the rest is fed 
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from .engines.base import Engine
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -26,6 +28,14 @@ class Metrics:
                                  registry=self.registry)
         self.rejected = Counter("faar_rejected_total", "requests refused with 503 by reason", ["reason"],
                                 registry=self.registry)
+        self.engine = Info("faar_engine", "what serves the model: engine, execution provider (ONNX Runtime's, "
+                           "read at each scrape) or Triton's instance kind, model and version",
+                           registry=self.registry)
+
+    def describe_engine(self, engine: Engine) -> None:
+        spec = engine.spec
+        self.engine.info({"engine": engine.name, "provider": engine.provider or "unknown",
+                          "model": spec.name if spec else "unknown", "version": str(spec.version) if spec else ""})
 
     def observe_stages(self, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -26,7 +27,7 @@ from support import OfflineMaps, ServeApp, assert_maps_equal, encode, image, loa
 
 from faar_serve.app import create_app
 from faar_serve.cli import load_settings
-from faar_serve.engines import EngineResult
+from faar_serve.engines import EngineFailure, EngineResult
 from faar_serve.manifest import ManifestError
 
 ALL_TASKS = ["semseg", "human_parts", "saliency", "normals", "depth", "edge"]
@@ -298,10 +299,13 @@ def test_overload_answers_503_with_retry_after_and_recovers(repo: Path, live_ser
 # --- operations, auth, CORS -----------------------------------------------------------------------
 def test_health_ready_model_metrics_docs(client: TestClient, repo: Path) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"ready": True, "engine": "onnx", "model": "faar", "version": 1}
+    assert client.get("/readyz").json() == {"ready": True, "engine": "onnx", "model": "faar", "version": 1,
+                                            "provider": "CPUExecutionProvider", "detail": None}
     assert client.get("/v1/model").json() == manifest(repo)
     client.post("/v1/predict", files=post_image(encode(image(40))))
     text = client.get("/metrics").text
+    assert ('faar_engine_info{engine="onnx",model="faar",provider="CPUExecutionProvider",version="1"} 1.0'
+            in text)  # what runs the graph, read from the session at each scrape
     for name in ("faar_requests_total", "faar_request_duration_seconds_bucket", "faar_queue_depth",
                  "faar_engine_batch_size_bucket", 'faar_stage_duration_seconds_count{stage="inference"}'):
         assert name in text
@@ -343,6 +347,20 @@ def test_settings_from_flags_and_environment(repo: Path, monkeypatch: pytest.Mon
         load_settings(["--model-repository", str(repo), "--max-queue", "0"])
     with pytest.raises(SystemExit):
         load_settings(["--model-repository", str(repo), "--engine", "tensorflow"])
+    # the repository is the embedded engine's; the triton engine reads the model from Triton
+    monkeypatch.delenv("FAAR_ENGINE")
+    with pytest.raises(SystemExit, match="the onnx engine needs model_repository"):
+        load_settings([])
+    assert load_settings(["--engine", "triton"]).model_repository is None
+    assert not s.cuda_tf32 and load_settings(["--engine", "triton", "--cuda-tf32"]).cuda_tf32
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="a CUDA build has it")
+def test_device_cuda_without_cuda_stops_the_start(repo: Path) -> None:
+    """--device cuda never serves on the CPU quietly (this onnxruntime is the CPU build)."""
+    with pytest.raises(EngineFailure, match="device cuda, but this onnxruntime .* has no CUDAExecutionProvider"):
+        with TestClient(create_app(settings(repo, device="cuda"))):
+            pass
 
 
 def test_gateway_never_imports_training_code(repo: Path) -> None:

@@ -90,8 +90,8 @@ def export_run(run_dir: str | os.PathLike, repo_dir: str | os.PathLike,
         except BackboneError as exc:
             raise ExportError(str(exc)) from exc
     reference = build_export_module(model, options.probabilities)
-    found_warnings = check_destination(model_dir, options.version, reference.inputs + reference.outputs,
-                                       options.overwrite)
+    destination = check_destination(model_dir, options.version, reference.inputs + reference.outputs, options)
+    found_warnings = destination.warnings
     if options.fft == "torch" and options.device_kind == "gpu":
         found_warnings.append("--fft torch on a GPU: ONNX Runtime's DFT has no CUDA kernel, "
                               "those nodes run on the CPU")
@@ -112,13 +112,14 @@ def export_run(run_dir: str | os.PathLike, repo_dir: str | os.PathLike,
         onnx_path = staged / "model.onnx"
         graph = export_onnx(module, onnx_path, options.opset, options.fp16, options.exporter)
         tolerance = TOLERANCES["fp16" if options.fp16 else "fp32"]
-        parity = check_parity(onnx_path, reference, parity_batches(model.img_size), tolerance)
+        parity = check_parity(onnx_path, reference, parity_batches(model.img_size), tolerance,
+                              options.parity_device)
         if not parity["passed"]:
             raise ExportError("parity check failed, nothing written: " + "; ".join(parity["failures"]))
         manifest = build_manifest(run_dir, model, merged, module, options, onnx_path, graph, parity, t0)
         (staged / "manifest.json").write_text(manifest.to_json())
         write_config_pbtxt(staged_model / "config.pbtxt", options.name, module.inputs, module.outputs,
-                           options)
+                           options, {**destination.manifests, options.version: manifest})
         try:
             install(staged_model, model_dir, options.version, work / "replaced")
         except OSError as exc:  # e.g. another export created the same version meanwhile

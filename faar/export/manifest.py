@@ -99,7 +99,8 @@ def build_manifest(run_dir: Path, model: FAARModel, merged: FAARModel, module: E
         "parity": {**parity,
                    "reference": {"model": "unmerged run model, eval mode, fp32",
                                  "fft_backend": model.config.decoder.fft, "runtime": f"torch {torch.__version__}"},
-                   "candidate": f"this model.onnx in onnxruntime {ort.__version__} (CPU)"},
+                   "candidate": f"this model.onnx in onnxruntime {ort.__version__} ({parity['provider']}"
+                                f"{', TF32 off' if parity['provider'] == 'CUDAExecutionProvider' else ''})"},
         "onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path), "bytes": onnx_path.stat().st_size},
     }
     data["export"]["total_seconds"] = round(time.perf_counter() - started, 2)

@@ -12,6 +12,15 @@ Decisions:
   ``torch``, is still accepted.
 * Exporter ``auto``: dynamo where the graph holds torch.fft (the only exporter of FFTs),
   TorchScript otherwise (the measurements are in ``faar.export.graph``).
+* The model name defaults per device kind (``faar`` for cpu, ``faar_gpu`` for gpu):
+  config.pbtxt, and with it the instance kind, is shared by every version of a model, so
+  a GPU export under the CPU model's name would make every version unloadable on a CPU
+  server (``faar.export.triton.check_destination`` refuses it).
+* ``queue_timeout_s`` becomes Triton's ``default_timeout_microseconds``; it defaults to the
+  gateway's ``--triton-timeout-s`` default (10 s), see ``faar.export.triton``.
+* ``parity_device`` runs the gate on ONNX Runtime's CPU (default) or CUDA provider; on
+  CUDA with TF32 off (``faar.export.parity``). ``tf32`` is what the exported config asks
+  of a GPU server (off: it serves what the gate checked).
 """
 
 from __future__ import annotations
@@ -23,6 +32,9 @@ from typing import Literal, get_args
 from faar_serve.manifest import FFT_ALIASES, FFTBackend
 
 DeviceKind = Literal["gpu", "cpu"]
+ParityDevice = Literal["cpu", "cuda"]
+DEFAULT_NAMES: dict[str, str] = {"cpu": "faar", "gpu": "faar_gpu"}  # config.pbtxt fixes the kind per name
+DEFAULT_QUEUE_TIMEOUT_S = 10.0  # faar_serve's --triton-timeout-s default
 Exporter = Literal["torchscript", "dynamo"]
 ExporterChoice = Literal["auto", "torchscript", "dynamo"]
 FFT_BACKENDS: tuple[str, ...] = get_args(FFTBackend)
@@ -37,7 +49,7 @@ class ExportError(ValueError):
 
 @dataclass
 class ExportOptions:
-    name: str = "faar"
+    name: str = ""  # "": DEFAULT_NAMES[device_kind]
     version: int = 1
     height: int | None = None  # None: the run's img_size
     width: int | None = None
@@ -49,9 +61,13 @@ class ExportOptions:
     probabilities: bool = False  # also <task>_probs for label tasks
     overwrite: bool = False
     exporter: ExporterChoice = "auto"  # auto: torchscript for matmul, dynamo for torch
+    queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S  # Triton drops a request queued this long
+    parity_device: ParityDevice = "cpu"  # where the parity gate runs the graph
+    tf32: bool = False  # GPU servers may use TF32 for fp32 MatMul/Conv (config.pbtxt, use_tf32)
 
     def __post_init__(self) -> None:
         self.fft = FFT_ALIASES.get(self.fft, self.fft)
+        self.name = self.name or DEFAULT_NAMES.get(self.device_kind, "faar")
 
     def validate(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
@@ -71,6 +87,11 @@ class ExportOptions:
             raise ExportError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.device_kind not in ("gpu", "cpu"):
             raise ExportError(f"device_kind must be 'gpu' or 'cpu', got {self.device_kind!r}")
+        if not self.queue_timeout_s > 0:
+            raise ExportError(f"queue_timeout_s must be > 0 (Triton treats 0 as no timeout), "
+                              f"got {self.queue_timeout_s}")
+        if self.parity_device not in ("cpu", "cuda"):
+            raise ExportError(f"parity_device must be 'cpu' or 'cuda', got {self.parity_device!r}")
         if self.exporter not in ("auto", "torchscript", "dynamo"):
             raise ExportError(f"exporter must be auto, torchscript or dynamo, got {self.exporter!r}")
         exporter = resolve_exporter(self.exporter, torch_fft=self.fft == "torch")
