@@ -11,7 +11,8 @@ exact arrays instead):
 
     curl -s -F image=@photo.jpg 'http://127.0.0.1:8080/v1/predict?tasks=semseg,depth'
 
-Needs httpx, numpy and Pillow; exits 1 if any image failed.
+Needs httpx, Pillow and ``faar_serve`` (its preview); exits 1 if any image failed. Without a
+server, ``faar-predict`` writes the same files from a model repository directly.
 """
 
 from __future__ import annotations
@@ -21,36 +22,11 @@ import base64
 import io
 import sys
 from pathlib import Path
-from typing import Any
 
 import httpx
-import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 
-PREVIEW_HEIGHT = 256
-
-
-def panel(task: dict[str, Any], png: Image.Image) -> Image.Image:
-    """A map as an RGB picture for people: depth stretched to its range, the rest as encoded."""
-    if task["kind"] == "depth":
-        depth = np.asarray(png, dtype=np.float64)
-        top = max(depth.max(), 1.0)
-        grey = Image.fromarray((255 - depth / top * 255).astype(np.uint8))  # near = bright
-        return ImageOps.colorize(grey, black="#0b0b3b", white="#ffd000")
-    return png.convert("RGB")
-
-
-def side_by_side(panels: list[tuple[str, Image.Image]]) -> Image.Image:
-    scaled = [(name, im.resize((max(1, round(im.width * PREVIEW_HEIGHT / im.height)), PREVIEW_HEIGHT)))
-              for name, im in panels]
-    sheet = Image.new("RGB", (sum(im.width for _, im in scaled), PREVIEW_HEIGHT), "white")
-    draw = ImageDraw.Draw(sheet)
-    x = 0
-    for name, im in scaled:
-        sheet.paste(im, (x, 0))
-        draw.text((x + 4, 4), name, fill="white", stroke_width=2, stroke_fill="black")
-        x += im.width
-    return sheet
+from faar_serve.preview import panel, side_by_side
 
 
 def predict_one(http: httpx.Client, path: Path, out: Path, tasks: str | None) -> list[Path]:
@@ -67,7 +43,7 @@ def predict_one(http: httpx.Client, path: Path, out: Path, tasks: str | None) ->
         target = out / f"{path.stem}.{name}.png"
         target.write_bytes(data)
         written.append(target)
-        panels.append((name, panel(task, Image.open(io.BytesIO(data)))))
+        panels.append((name, panel(task["kind"], Image.open(io.BytesIO(data)))))
     preview = out / f"{path.stem}.preview.png"
     side_by_side(panels).save(preview)
     timings = ", ".join(f"{k} {v:.1f} ms" for k, v in answer["timings_ms"].items())
