@@ -6,8 +6,10 @@
    path) against OpenCV on uint8/uint16/float32 planes, and numpy indexing for labels.
 3. PNG encoders on maps as the gateway sends them (upsampled labels, 8-bit probability,
    16-bit depth, RGB normals): Pillow at compress levels 0 and 1, OpenCV ``imencode`` at
-   level 1 with each zlib strategy, fpng (RGB only), imagecodecs (libpng, libspng); every
-   output read back by Pillow and compared bit for bit.
+   level 1 with each zlib strategy, fpng (RGB only), imagecodecs (libpng, libspng), and
+   ``faar_serve.codec.png`` (one fixed filter, zlib-ng level 1; what the gateway uses:
+   ``up`` + RLE for labels, ``sub`` for the rest, fpng for RGB); every output read back by
+   Pillow and compared bit for bit.
 
 Candidates whose package is missing are skipped and named. Milliseconds, medians of
 round-robin runs on one thread each (``cv2.setNumThreads(1)``).
@@ -29,6 +31,10 @@ import numpy as np
 from common import interleaved_medians, markdown_table, write_result
 from photos import encoded, photo_like
 from PIL import Image
+from zlib_ng import zlib_ng
+
+from faar_serve.codec import png as codec_png
+from faar_serve.codec import resize as codec_resize
 
 SIZES = {"1280x720": (720, 1280), "1920x1080": (1080, 1920), "4032x3024": (3024, 4032)}
 MODEL_SIDES = (128, 448)  # the demo model's input and Swin-T's
@@ -136,7 +142,9 @@ def resizers(maps: dict[str, np.ndarray], h: int, w: int) -> dict[str, Callable[
     cols = ((np.arange(w) + 0.5) * lab.shape[1] / w).astype(np.intp)
     fns: dict[str, Callable[[], object]] = {
         "labels pillow nearest": lambda: pil_plane(lab, h, w, Image.Resampling.NEAREST),
-        "labels numpy take": lambda: lab.take(rows, 0).take(cols, 1),
+        "labels numpy take rows then columns": lambda: lab.take(rows, 0).take(cols, 1),
+        "labels codec (numpy take columns then rows)": lambda: codec_resize.labels(lab, h, w),
+        "normals codec (OpenCV planar float32 + renorm)": lambda: codec_resize.normals(nrm, h, w),
         "probability pillow float32": lambda: pil_plane(prob, h, w, Image.Resampling.BILINEAR),
         "probability pillow uint8": lambda: pil_plane(prob8, h, w, Image.Resampling.BILINEAR),
         "depth pillow float32": lambda: pil_plane(depth, h, w, Image.Resampling.BILINEAR),
@@ -195,6 +203,15 @@ def encoders(arr: np.ndarray) -> dict[str, Callable[[], bytes]]:
             fns[f"opencv level 1 {name.lower()}"] = lambda p=params: cv2.imencode(".png", bgr, p)[1].tobytes()
     if fpng and arr.ndim == 3:
         fns["fpng"] = lambda: fpng.from_ndarray(arr)
+    palette = [(i, i, i) for i in range(256)] if arr.ndim == 2 and arr.dtype == np.uint8 else None
+    for filter_name, kind in (("sub", codec_png.FILTER_SUB), ("up", codec_png.FILTER_UP)):
+        for strategy_name, strategy in (("default", zlib_ng.Z_DEFAULT_STRATEGY), ("rle", zlib_ng.Z_RLE)):
+            if arr.ndim == 2:
+                fns[f"codec writer {filter_name} {strategy_name}"] = (
+                    lambda k=kind, s=strategy: codec_png.png(arr, filter_kind=k, strategy=s))
+    if palette is not None:
+        fns["codec writer up rle, palette (labels as sent)"] = lambda: codec_png.png(arr, palette, codec_png.FILTER_UP,
+                                                                                     zlib_ng.Z_RLE)
     if imagecodecs:
         fns["imagecodecs libpng level 1 rle sub"] = lambda: imagecodecs.png_encode(arr, level=1, strategy=3,
                                                                                    filter=16)

@@ -29,8 +29,8 @@ from PIL import Image, ImageOps
 from faar_serve.preview import panel, side_by_side
 
 
-def predict_one(http: httpx.Client, path: Path, out: Path, tasks: str | None) -> list[Path]:
-    params = {"tasks": tasks} if tasks else {}
+def predict_one(http: httpx.Client, path: Path, out: Path, tasks: str | None, size: str = "original") -> list[Path]:
+    params = {"size": size, **({"tasks": tasks} if tasks else {})}
     with path.open("rb") as f:
         response = http.post("/v1/predict", params=params, files={"image": (path.name, f)})
     if response.status_code != 200:
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway")
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="folder for the PNGs")
     parser.add_argument("--tasks", help="comma-separated subset, e.g. semseg,depth")
+    parser.add_argument("--size", default="original",
+                        help="original (the image's size), model (the model's resolution) or a longest side in pixels")
     parser.add_argument("--api-key", help="if the gateway runs with one")
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     with httpx.Client(base_url=args.url, headers=headers, timeout=args.timeout) as http:
         for path in args.images:
             try:
-                predict_one(http, path, args.out, args.tasks)
+                predict_one(http, path, args.out, args.tasks, args.size)
             except (OSError, RuntimeError, httpx.HTTPError) as exc:
                 failed += 1
                 print(f"{path}: failed: {exc}", file=sys.stderr)
