@@ -10,20 +10,16 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import httpx
-import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from test_serve_support import exported_repository
 
+from faar_serve.net import free_port, wait_ready
 from faar_serve.settings import Settings
-from faar_serve.triton_local import free_port
 
 ROOT = Path(__file__).parents[1]
 GPU_TO_CPU = {"onnxruntime-gpu": "onnxruntime"}  # what is installed here stands in for the GPU build
@@ -113,25 +109,17 @@ def test_dockerfile_installs_what_the_gateway_imports() -> None:
     assert not missing, f"imported by faar_serve but not installed by the Dockerfile: {missing}"
 
 
-def test_the_image_command_and_healthcheck_run_outside_a_container() -> None:
+def test_the_image_command_and_healthcheck_run_outside_a_container(repo: Path) -> None:
     (cmd,) = instructions("CMD")
     (health,) = instructions("HEALTHCHECK")
     env_lines = " ".join(instructions("ENV"))
     env = dict(re.findall(r"(\w+)=(\S+)", env_lines))
     port = free_port()
-    env.update(FAAR_MODEL_REPOSITORY=str(exported_repository()), FAAR_HOST="127.0.0.1", FAAR_PORT=str(port))
+    env.update(FAAR_MODEL_REPOSITORY=str(repo), FAAR_HOST="127.0.0.1", FAAR_PORT=str(port))
     proc = subprocess.Popen(exec_form(cmd), cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("the gateway did not become ready")
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout=60)
         check = exec_form(health.split("CMD", 1)[1].strip())
         assert subprocess.run(check, env={**os.environ, **env}, timeout=10).returncode == 0
     finally:

@@ -1,24 +1,22 @@
-"""Shared pieces of the serving tests (this module holds no tests).
+"""Plain helpers of the serving tests (no tests, no state; fixtures are in ``conftest.py``).
 
-* ``exported_repository()``: a real model repository, written once per test session by the
-  real exporter (``faar.export.export_run``) from a freshly initialised ``tiny`` model. Its
-  outputs depend on the image, so a batching mix-up changes the maps.
-* ``offline_maps()``: the reference, computed without the gateway: Pillow resize to the
+* ``settings``, ``manifest``: the gateway's settings and the export manifest of a repository;
+* ``image``, ``encode``, ``post_image``, ``load_npz``: test inputs and answers;
+* ``offline_inference``: the reference, computed without the gateway: Pillow resize to the
   model size, ONNX Runtime on the file, maps resized back by ``reference_resize``, a slow
-  float64 implementation written from the definitions ``faar_serve/codec/resize.py`` promises.
-* ``LiveServer``: uvicorn on a free port in a thread, for tests where the socket matters.
+  float64 implementation written from the definitions ``faar_serve/codec/resize.py`` promises;
+* ``assert_maps_equal``: the gateway's maps against that reference;
+* ``LiveServer``: uvicorn on a free port in a thread, for tests where the socket matters
+  (started and stopped by the ``live_server`` / ``live_gateway`` fixtures).
 """
 
 from __future__ import annotations
 
-import atexit
-import functools
 import io
 import json
-import shutil
-import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,28 +25,11 @@ import onnxruntime as ort
 import uvicorn
 from PIL import Image
 
+from faar_serve.net import free_port
 from faar_serve.settings import Settings
-from faar_serve.triton_local import free_port
 
 MODEL = "faar"
-
-
-@functools.lru_cache(maxsize=1)
-def exported_repository() -> Path:
-    """``<tmp>/repo`` with model ``faar`` v1 (tiny preset, 64x64, six tasks, max batch 8)."""
-    import torch
-
-    from faar.config import load_config
-    from faar.export import ExportOptions, export_run
-    from faar.model import build_model
-    from faar.run import save_model
-
-    root = Path(tempfile.mkdtemp(prefix="faar-serve-test-"))
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
-    torch.manual_seed(0)
-    save_model(build_model(load_config("tiny").model), root / "run")
-    export_run(root / "run", root / "repo", ExportOptions(name=MODEL, version=1, max_batch_size=8))
-    return root / "repo"
+OfflineMaps = Callable[[np.ndarray], dict[str, np.ndarray]]  # the ``offline_maps`` fixture
 
 
 def manifest(repo: Path) -> dict[str, Any]:
@@ -73,11 +54,6 @@ def encode(arr: np.ndarray | Image.Image, fmt: str = "PNG", **params: Any) -> by
     buf = io.BytesIO()
     im.save(buf, format=fmt, **params)
     return buf.getvalue()
-
-
-@functools.lru_cache(maxsize=4)
-def _session(path: str) -> ort.InferenceSession:
-    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 
 
 def nearest_index(n_in: int, n_out: int) -> np.ndarray:
@@ -107,16 +83,14 @@ def reference_resize(kind: str, arr: np.ndarray, height: int, width: int) -> np.
     return out / np.linalg.norm(out, axis=0, keepdims=True) if kind == "normals" else out
 
 
-def offline_maps(repo: Path, rgb: np.ndarray) -> dict[str, np.ndarray]:
+def offline_inference(session: ort.InferenceSession, meta: dict[str, Any], rgb: np.ndarray) -> dict[str, np.ndarray]:
     """task -> map at ``rgb``'s size: ONNX Runtime on the Pillow-resized image, maps resized back
     by ``reference_resize``."""
-    meta = manifest(repo)
     _, h, w, _ = meta["inputs"][0]["shape"]
     height, width = rgb.shape[:2]
     x = rgb
     if (height, width) != (h, w):
         x = np.asarray(Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR, reducing_gap=3.0))
-    session = _session(str(repo / MODEL / "1" / "model.onnx"))
     names = [o.name for o in session.get_outputs()]
     raw = dict(zip(names, (o[0] for o in session.run(names, {"image": x[None]})), strict=True))
     return {task: reference_resize(entry["kind"], raw[task], height, width) for task, entry in meta["tasks"].items()}
@@ -169,3 +143,6 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(15)
+
+
+ServeApp = Callable[[Any], LiveServer]  # the ``live_server`` fixture: app in, running server out
