@@ -4,7 +4,7 @@
   limits apply before any pixel is decoded; all eight orientations are applied.
 * Resizing: label maps identical to nearest-neighbour resampling with half-pixel centres;
   every other map within one step of its encoding of a float64 bilinear reference
-  (``test_serve_support.reference_resize``), on several sizes and all eight orientations.
+  (``support.reference_resize``), on several sizes and all eight orientations.
 * Encodings: every PNG read back bit-exact by Pillow; NPZ dtypes and float16 rounding.
 """
 
@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
-from test_serve_support import encode, image, nearest_index, reference_resize
+from support import encode, image, nearest_index, reference_resize
 
 from faar_serve import codec
 from faar_serve.codec import png, resize

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from test_serve_support import encode, exported_repository, image, manifest, offline_maps, post_image, settings
+from support import OfflineMaps, encode, image, manifest, post_image, settings
 
 from faar_serve import codec
 from faar_serve.app import create_app
@@ -27,21 +27,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def repo() -> Path:
-    return exported_repository()
-
-
-@pytest.fixture(scope="module")
 def predictor(repo: Path) -> Iterator[Predictor]:
     with Predictor(repo, threads=2) as p:
         yield p
 
 
-def test_every_input_kind_gives_the_reference_maps(predictor: Predictor, repo: Path, tmp_path: Path) -> None:
+def test_every_input_kind_gives_the_reference_maps(predictor: Predictor, repo: Path, tmp_path: Path,
+                                                   offline_maps: OfflineMaps) -> None:
     rgb = image(800, height=45, width=70)
     path = tmp_path / "a.png"
     path.write_bytes(encode(rgb))
-    want = offline_maps(repo, rgb)
+    want = offline_maps(rgb)
     for source in (path, str(path), path.read_bytes(), Image.fromarray(rgb), rgb):
         p = predictor.predict(source)
         assert list(p.maps) == ALL_TASKS and p.size == (45, 70) and p.image_size == (45, 70)
