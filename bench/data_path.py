@@ -7,30 +7,32 @@ reads each answer's own ``Server-Timing``. Reported per upload and size: the med
 stage (decode, resize, queue, inference, encode; ms), the median over answers of
 (decode + resize + encode) / inference, the answer's size, and the size of the
 ``format=npz`` answer. A gateway without a ``resize`` stage (the code before issue 13,
-which counted resizing inside decode and encode) reads as resize 0.
+which counted resizing inside decode and encode) reads as resize 0; ``--gateway-pythonpath``
+runs such a gateway from another checkout, so before and after come from one script.
 
-    python bench/data_path.py --model-repository model_repository --out bench/results/data_path.json
-    PYTHONPATH=<checkout before> python bench/data_path.py --sizes original --label before \
-        --out bench/results/data_path_before.json
-    python bench/data_path.py --quick --model-repository /tmp/repo
+    python -m bench.data_path --model-repository model_repository --out bench/results/data_path.json
+    git archive <commit> faar_serve | tar -x -C /tmp/before    # the gateway before issue 13
+    python -m bench.data_path --model-repository model_repository --sizes original --label before \
+        --gateway-pythonpath /tmp/before --out bench/results/data_path_before.json
+    python -m bench.data_path --quick    # the tiny preset (random weights), the two small uploads
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from common import markdown_table, write_result
-from photos import UPLOADS, upload
-from serving import Gateway
+
+from bench.common import markdown_table, write_result
+from bench.photos import UPLOADS, upload
+from bench.serving import Gateway, export_repository
+from clients.loadgen import server_timing
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "clients"))
-from loadgen import server_timing  # noqa: E402  (clients/ is a folder of scripts)
 
 STAGES = ("decode", "resize", "queue", "inference", "encode")
 WORK = ("decode", "resize", "encode")  # the gateway's own CPU work per image
@@ -55,9 +57,10 @@ def summarise(runs: list[dict]) -> dict:
             "answers": len(runs)}
 
 
-def run(repo: Path, names: list[str], sizes: list[str], repeats: int, flags: list[str]) -> dict:
+def run(repo: Path, names: list[str], sizes: list[str], repeats: int, flags: list[str],
+        pythonpath: str | None = None) -> dict:
     rows = []
-    gateway = Gateway(repo, *flags)
+    gateway = Gateway(repo, *flags, pythonpath=pythonpath)
     try:
         with httpx.Client(base_url=gateway.url, timeout=300) as http:
             for name in names:
@@ -71,7 +74,7 @@ def run(repo: Path, names: list[str], sizes: list[str], repeats: int, flags: lis
     finally:
         gateway.close()
     return {"setup": {"repository": str(repo), "uploads": names, "sizes": sizes, "repeats": repeats,
-                      "gateway_flags": flags}, "rows": rows}
+                      "gateway_flags": flags, "gateway_pythonpath": pythonpath}, "rows": rows}
 
 
 def print_table(result: dict, label: str) -> None:
@@ -91,14 +94,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="answers per upload and size (median)")
     parser.add_argument("--gateway-flag", action="append", default=[], dest="flags",
                         help="extra faar-serve flag, e.g. --gateway-flag=--render-threads=1 (repeatable)")
+    parser.add_argument("--gateway-pythonpath", help="run the gateway's faar_serve from this folder")
     parser.add_argument("--label", default="after", help="name of this run in the printout")
-    parser.add_argument("--quick", action="store_true", help="two repeats")
+    parser.add_argument("--quick", action="store_true",
+                        help="a freshly exported tiny model, the two small uploads, two repeats")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "data_path.json")
     args = parser.parse_args(argv)
-    if not (args.model_repository / "faar").is_dir():
-        parser.error(f"{args.model_repository} holds no model 'faar': run `make demo` or pass --model-repository")
-    repeats = 2 if args.quick else args.repeats
-    result = run(args.model_repository, args.uploads, args.sizes, repeats, args.flags)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.quick:
+            args.model_repository = export_repository("tiny", Path(tmp), max_batch_size=8)
+            args.uploads, args.repeats = list(UPLOADS)[:2], 2
+        if not (args.model_repository / "faar").is_dir():
+            parser.error(f"{args.model_repository} holds no model 'faar': run `make demo` or pass --model-repository")
+        result = run(args.model_repository, args.uploads, args.sizes, args.repeats, args.flags,
+                     args.gateway_pythonpath)
     result["label"] = args.label
     print_table(result, args.label)
     write_result(args.out, result)

@@ -14,8 +14,8 @@
 Candidates whose package is missing are skipped and named. Milliseconds, medians of
 round-robin runs on one thread each (``cv2.setNumThreads(1)``).
 
-    python bench/imaging.py --out bench/results/imaging.json
-    python bench/imaging.py --quick
+    python -m bench.imaging --out bench/results/imaging.json
+    python -m bench.imaging --quick
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import interleaved_medians, markdown_table, write_result
-from photos import encoded, photo_like
 from PIL import Image
 from zlib_ng import zlib_ng
 
+from bench.common import interleaved_medians, markdown_table, write_result
+from bench.photos import encoded, photo_like
 from faar_serve.codec import png as codec_png
 from faar_serve.codec import resize as codec_resize
 
@@ -238,14 +238,14 @@ def bench_encode(repeats: int, sizes: dict[str, tuple[int, int]]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="one size, three repeats")
+    parser.add_argument("--quick", action="store_true", help="one size, two repeats")
     parser.add_argument("--only", nargs="+", choices=["decode", "resize", "encode"])
     parser.add_argument("--out", type=Path, default=Path("bench/results/imaging.json"))
     args = parser.parse_args(argv)
     if cv2:
         cv2.setNumThreads(1)
-    sizes = {"1920x1080": SIZES["1920x1080"]} if args.quick else SIZES
-    repeats = 3 if args.quick else args.repeats
+    sizes = {"1280x720": SIZES["1280x720"]} if args.quick else SIZES
+    repeats = 2 if args.quick else args.repeats
     parts = args.only or ["decode", "resize", "encode"]
     missing = [n for n, m in zip(("opencv", "simplejpeg", "turbojpeg", "fpng", "imagecodecs"),
                                  (cv2, simplejpeg, turbojpeg, fpng, imagecodecs), strict=True) if m is None]

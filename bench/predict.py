@@ -7,8 +7,8 @@ per call as the CPU engine runs them, with spin-waiting threads (its fastest set
 nothing else runs). The two take turns ``--rounds`` times; medians of images/s. Models:
 Swin-T at 448x448 and the demo model, random weights, exported by the real exporter.
 
-    python bench/predict.py --out bench/results/predict.json
-    python bench/predict.py --quick
+    python -m bench.predict --out bench/results/predict.json
+    python -m bench.predict --quick
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import markdown_table, write_result
-from photos import encoded, photo_like
-from serving import export_repository
-
+from bench.common import markdown_table, write_result
+from bench.photos import encoded, photo_like
+from bench.serving import export_repository
 from faar_serve import codec
 from faar_serve.engines.onnx import create_session
 from faar_serve.manifest import load_model_spec

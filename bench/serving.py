@@ -97,13 +97,15 @@ def bare_engine(repo: Path, image: bytes, max_batch: int, repeats: int) -> dict[
 class Gateway:
     """``python -m faar_serve`` in a subprocess, ready when /readyz says so."""
 
-    def __init__(self, repo: Path, *flags: str) -> None:
+    def __init__(self, repo: Path, *flags: str, pythonpath: str | None = None) -> None:
+        """``pythonpath``: where the gateway's ``faar_serve`` comes from (default: this checkout's)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "faar_serve", "--model-repository", str(repo), "--port", str(self.port),
                "--log-level", "warning", "--max-queue", "256", *flags]
         self.log = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None
+        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         try:
             wait_ready(self.url, self.process)
         except (RuntimeError, TimeoutError) as exc:
