@@ -144,11 +144,16 @@ def test_orientation_size_and_reduced_decoding(orientation: int) -> None:
 
 
 def test_reduced_decoding_gives_the_model_almost_the_same_input() -> None:
-    rgb = image(5, height=1200, width=1600)
+    rgb = image(5, height=1512, width=2016)
     data = encode(rgb, "JPEG", quality=90)
     full = codec.model_input(codec.probe(data, 10**7).decode(), 128, 128)
-    reduced = codec.model_input(codec.probe(data, 10**7).decode(128, 128), 128, 128)
-    assert codec.probe(data, 10**7).decoded_size(128, 128) == (150, 200)  # 1/8 scale
+    probe = codec.probe(data, 10**7)
+    reduced = codec.model_input(probe.decode(128, 128), 128, 128)
+    assert probe.size == (1512, 2016) and probe.decoded_size(128, 128) == (189, 252)  # 1/8 scale, also after
+    assert reduced.shape == (128, 128, 3)
+    small = codec.probe(encode(image(6, height=300, width=400), "JPEG"), 10**6)
+    assert small.decode(16, 16).shape == (38, 50, 3) and small.decoded_size(16, 16) == (38, 50)
+    assert small.size == (300, 400)  # the header's size, not the reduced image's
     assert np.abs(full.astype(np.int16) - reduced).mean() < 1.5
 
 

@@ -67,6 +67,7 @@ class Probe:
     image: Image.Image  # opened lazily by Pillow
     format: str
     orientation: int  # EXIF 1-8 (1 where there is none)
+    stored: tuple[int, int]  # (width, height) as stored, from the header (``draft`` changes image.size)
 
     @property
     def swaps_axes(self) -> bool:
@@ -75,7 +76,7 @@ class Probe:
     @property
     def size(self) -> tuple[int, int]:
         """(height, width) as displayed, at full size."""
-        width, height = self.image.size
+        width, height = self.stored
         return (width, height) if self.swaps_axes else (height, width)
 
     def _scale(self, min_height: int, min_width: int) -> int:
@@ -83,7 +84,7 @@ class Probe:
         if self.format != "JPEG" or min_height <= 0 or min_width <= 0:
             return 1
         want_w, want_h = (min_height, min_width) if self.swaps_axes else (min_width, min_height)
-        width, height = self.image.size
+        width, height = self.stored
         fits = min(width // want_w, height // want_h)
         return next(s for s in DRAFT_SCALES if fits >= s or s == 1)
 
@@ -130,7 +131,7 @@ def probe(data: bytes, max_pixels: int) -> Probe:
     if width == 0 or height == 0:
         raise ImageError(422, "corrupt_image", f"image has no pixels ({width}x{height})")
     fmt = "JPEG" if im.format == "MPO" else str(im.format)
-    return Probe(im, fmt, _orientation(im))
+    return Probe(im, fmt, _orientation(im), (width, height))
 
 
 def _orientation(im: Image.Image) -> int:
