@@ -104,8 +104,8 @@ class Gateway:
         cmd = [sys.executable, "-m", "faar_serve", "--model-repository", str(repo), "--port", str(self.port),
                "--log-level", "warning", "--max-queue", "256", *flags]
         self.log = tempfile.TemporaryFile()
-        env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None
-        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None  # and run there: -m puts cwd first
+        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=pythonpath)
         try:
             wait_ready(self.url, self.process)
         except (RuntimeError, TimeoutError) as exc:
