@@ -20,6 +20,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # The gateway's own dependencies (the [serve] extra without the local Triton server wheel).
 RUN pip install "numpy<2" pillow fastapi "uvicorn[standard]" python-multipart pydantic-settings \
         prometheus-client "tritonclient[grpc,http]" "onnxruntime-gpu[cuda,cudnn]" \
+        "opencv-python-headless<4.12" zlib-ng fpng tqdm \
     && useradd --create-home --uid 10001 faar
 
 WORKDIR /app

@@ -189,14 +189,14 @@ def print_table(result: dict) -> None:
     print(f"bare engine images/s: {result['bare_images_per_s']}; triton server peak RSS: "
           f"{result['triton_peak_rss_mib']} MiB")
     print(markdown_table(["setup", "conc.", "req/s", "x bare best", "p50 ms", "p95 ms", "p99 ms", "errors",
-                          "gateway peak RSS MiB", "server p50 ms decode/queue/infer/encode"],
+                          "gateway peak RSS MiB", "server p50 ms decode/resize/queue/infer/encode"],
                          [[r["setup"], r["concurrency"], r["throughput_rps"], r["share_of_bare"],
                            r["latency_ms"]["p50"], r["latency_ms"]["p95"], r["latency_ms"]["p99"], r["errors"],
                            r["gateway_peak_rss_mib"], stages(r["server_stage_p50_ms"])] for r in result["rows"]]))
 
 
 def stages(p50: dict[str, float]) -> str:
-    return " / ".join(f"{p50.get(k, float('nan')):.1f}" for k in ("decode", "queue", "inference", "encode"))
+    return " / ".join(f"{p50.get(k, float('nan')):.1f}" for k in ("decode", "resize", "queue", "inference", "encode"))
 
 
 def main(argv: list[str] | None = None) -> int:
