@@ -96,7 +96,7 @@ class Probe:
 
     def decode(self, min_height: int = 0, min_width: int = 0) -> np.ndarray:
         """uint8 RGB ``[H, W, 3]`` as displayed, at the smallest scale with both sides at least
-        ``min_height`` x ``min_width`` (0: full size)."""
+        ``min_height`` x ``min_width`` (0: full size). Once per probe: Pillow decodes a file once."""
         im = self.image
         if self._scale(min_height, min_width) > 1:
             want = (min_height, min_width) if self.swaps_axes else (min_width, min_height)
