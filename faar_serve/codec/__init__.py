@@ -24,7 +24,6 @@ from .decode import (
     ImageError,
     Prepared,
     Probe,
-    decode_image,
     model_input,
     prepare,
     probe,
@@ -36,7 +35,7 @@ from .resize import SIZE_HELP, SIZE_PATTERN, SizeRequest, output_size, parse_siz
 
 __all__ = [
     "DEPTH_SCALE", "FORMATS", "FORMAT_NAMES", "NORMALS_CONVENTION", "PRECISIONS", "SIZE_HELP", "SIZE_PATTERN",
-    "Format", "ImageError", "Precision", "Prepared", "Probe", "RenderedMaps", "SizeRequest", "decode_image",
+    "Format", "ImageError", "Precision", "Prepared", "Probe", "RenderedMaps", "SizeRequest",
     "encode_maps", "model_input", "npz_bytes", "npz_map", "output_size", "parse_size", "png_map", "prepare", "probe",
     "render", "resize_map", "resize_maps", "rgb_array",
 ]

@@ -170,11 +170,6 @@ def rgb_array(arr: np.ndarray) -> np.ndarray:
     return arr if arr.ndim == 3 and arr.shape[2] == 3 else _to_rgb(Image.fromarray(arr))
 
 
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """The whole image at full size, as displayed (for callers that need every pixel)."""
-    return probe(data, max_pixels).decode()
-
-
 @dataclass
 class Prepared:
     """An image ready for the model, and what the answer needs to know about it."""
