@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -37,7 +38,10 @@ def create_gateway(settings: Settings) -> Gateway:
     metrics = Metrics()
     admission = Admission(settings.max_queue, metrics, settings.retry_after_s)
     engine = create_engine(settings, lambda: admission.upstream, metrics.batch_size.observe)
-    return Gateway(settings, metrics, admission, engine)
+    pool = None
+    if settings.render_threads > 1:
+        pool = ThreadPoolExecutor(settings.render_threads, thread_name_prefix="faar-render")
+    return Gateway(settings, metrics, admission, engine, pool)
 
 
 def describe(settings: Settings, spec: ModelSpec | None) -> str:
@@ -60,6 +64,8 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             await gw.engine.close()
+            if gw.render_pool is not None:
+                gw.render_pool.shutdown()
 
     spec = gw.engine.spec
     app = FastAPI(title="FAAR gateway", version=str(spec.version) if spec else "from Triton", lifespan=lifespan,

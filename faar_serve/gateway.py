@@ -1,8 +1,15 @@
 """The Gateway: what every route shares, and one prediction from uploads to rendered maps.
 
-``predict`` is the request path after the body limit: admission -> read + decode + resize
-(worker threads) -> one engine call for all uploads -> resize maps back + encode (worker
-threads). CPU work never runs on the event loop, so no upload can stall other requests.
+``predict`` is the request path after the body limit: admission -> read, header check,
+decode at the smallest scale the model needs and resize to its input (worker threads) ->
+one engine call for all uploads -> resize maps to the size asked for and encode (worker
+threads; one answer's maps in parallel with ``render_threads`` > 1). All of it is
+``faar_serve.codec``, the data path ``Predictor`` and ``faar-predict`` share. CPU work never
+runs on the event loop, so no upload can stall other requests.
+
+Stages (``Server-Timing``, ``timings_ms``, the stage histogram): ``decode`` (file to pixels),
+``resize`` (to the model's input, and its maps to the answer's size), ``queue``,
+``inference``, ``encode`` (maps to PNG and base64, or to the NPZ's dtypes).
 The parts (settings, metrics, admission, engine) are built and wired by
 ``app.create_app``; routes reach the Gateway through the ``GatewayDep`` dependency.
 
@@ -15,7 +22,7 @@ raises ``EngineUnavailable``, so every ``/v1`` route answers 503 with ``Retry-Af
 from __future__ import annotations
 
 import asyncio
-import time
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -33,18 +40,12 @@ from .telemetry import Metrics
 
 
 @dataclass
-class Decoded:
-    pixels: np.ndarray  # model input size
-    height: int  # the upload's size, after EXIF orientation
-    width: int
-    decode_ms: float
-
-
-@dataclass
 class Rendered:
     maps: dict[str, Any]  # task -> TaskMap fields (json) or the array (npz)
-    height: int
+    height: int  # of every map (the size asked for)
     width: int
+    image_height: int  # of the upload, after EXIF orientation
+    image_width: int
     timings_ms: dict[str, float]
 
 
@@ -56,6 +57,7 @@ class Gateway:
     metrics: Metrics
     admission: Admission
     engine: Engine
+    render_pool: Executor | None = None  # threads for one answer's maps (settings.render_threads > 1)
 
     @property
     def spec(self) -> ModelSpec:
@@ -71,27 +73,26 @@ class Gateway:
         except KeyError as exc:
             raise ApiError(422, "unknown_task", exc.args[0]) from exc
 
-    def decode(self, data: bytes) -> Decoded:
-        t0 = time.perf_counter()
-        rgb = codec.decode_image(data, self.settings.max_image_pixels)
-        pixels = codec.resize_image(rgb, self.spec.height, self.spec.width)
-        return Decoded(pixels, rgb.shape[0], rgb.shape[1], (time.perf_counter() - t0) * 1000)
+    def decode(self, data: bytes) -> codec.Prepared:
+        """The header first (format, size, limits: nothing decoded yet), then the pixels."""
+        probe = codec.probe(data, self.settings.max_image_pixels)
+        return codec.prepare(probe, self.spec.height, self.spec.width)
 
-    def render(self, result: EngineResult, index: int, image: Decoded, tasks: list[str],
-               fmt: str) -> Rendered:
-        """Image ``index`` of the engine's batch: maps back at the upload's size, encoded for ``fmt``."""
-        t0 = time.perf_counter()
-        maps: dict[str, Any] = {}
-        for name in tasks:
-            task = self.spec.tasks[name]
-            arr = codec.resize_map(task.kind, result.outputs[task.output][index], image.height, image.width)
-            maps[name] = arr if fmt == "npz" else codec.encode_map(task, arr)
-        timings = {"decode": image.decode_ms, "queue": result.queue_ms, "inference": result.inference_ms,
-                   "encode": (time.perf_counter() - t0) * 1000}
+    def render(self, result: EngineResult, index: int, image: codec.Prepared, tasks: list[str], fmt: str,
+               size: codec.SizeRequest, precision: codec.Precision) -> Rendered:
+        """Image ``index`` of the engine's batch: its maps at ``size``, encoded for ``fmt``."""
+        infos = [self.spec.tasks[name] for name in tasks]
+        outputs = {t.output: result.outputs[t.output][index] for t in infos}
+        model_hw = next(iter(outputs.values())).shape[-2:]
+        height, width = codec.output_size(size, image.size, model_hw)
+        maps = codec.render(infos, outputs, height, width, fmt, precision, self.render_pool)
+        timings = {"decode": image.decode_ms, "resize": image.resize_ms + maps.resize_ms, "queue": result.queue_ms,
+                   "inference": result.inference_ms, "encode": maps.encode_ms}
         self.metrics.observe_stages(timings)
-        return Rendered(maps, image.height, image.width, {k: round(v, 3) for k, v in timings.items()})
+        return Rendered(maps.maps, height, width, *image.size, {k: round(v, 3) for k, v in timings.items()})
 
-    async def predict(self, uploads: list[UploadFile], tasks: list[str], fmt: str) -> list[Rendered]:
+    async def predict(self, uploads: list[UploadFile], tasks: list[str], fmt: str,
+                      size: codec.SizeRequest = "original", precision: codec.Precision = "float16") -> list[Rendered]:
         """Admit, decode, infer in one engine call, render: one ``Rendered`` per upload, in order."""
         with self.admission.slot(len(uploads)):
             with self.admission.before_engine(len(uploads)):
@@ -100,10 +101,10 @@ class Gateway:
                 where = [f"image {i} ({u.filename!r}): " if batch else "" for i, u in enumerate(uploads)]
                 decoded = await asyncio.gather(*map(self._decode, payloads, where))
             result = await self.engine.infer(np.stack([d.pixels for d in decoded]))
-            return list(await asyncio.gather(*(run_in_threadpool(self.render, result, i, d, tasks, fmt)
-                                               for i, d in enumerate(decoded))))
+            return list(await asyncio.gather(*(run_in_threadpool(self.render, result, i, d, tasks, fmt, size,
+                                                                 precision) for i, d in enumerate(decoded))))
 
-    async def _decode(self, data: bytes, where: str) -> Decoded:
+    async def _decode(self, data: bytes, where: str) -> codec.Prepared:
         try:
             return await run_in_threadpool(self.decode, data)
         except codec.ImageError as exc:

@@ -11,7 +11,7 @@ __all__ = ["BatchPrediction", "ErrorBody", "Health", "Manifest", "Prediction", "
 
 
 class TaskMap(BaseModel):
-    """One task's map at the uploaded image's size, as a base64 PNG, and how to read its pixels."""
+    """One task's map at the answer's size, as a base64 PNG, and how to read its pixels."""
 
     kind: str = Field(description="labels | probability | normals | depth")
     description: str
@@ -23,7 +23,8 @@ class TaskMap(BaseModel):
     scale: float | None = Field(None, description="value = pixel * scale (in units)")
     units: str | None = None
     range: list[float] | None = None
-    min: float | None = None
+    min: float | None = Field(None, description="depth: smallest value of the model's map (the resized map "
+                                                "lies within [min, max])")
     max: float | None = None
     convention: str | None = Field(None, description="normals: axes and pixel encoding")
 
@@ -31,11 +32,14 @@ class TaskMap(BaseModel):
 class Prediction(BaseModel):
     model: str
     version: int
-    width: int = Field(description="of the uploaded image after EXIF orientation; every map has this size")
+    width: int = Field(description="of every map in this answer: the upload's (size=original), the model's "
+                                   "(size=model) or scaled to the longest side asked for")
     height: int
+    image_width: int = Field(description="of the upload, after EXIF orientation")
+    image_height: int
     tasks: dict[str, TaskMap]
-    timings_ms: dict[str, float] = Field(description="server stages decode, queue, inference, encode in ms; "
-                                          "their sum is the server time (HTTP parsing excluded)")
+    timings_ms: dict[str, float] = Field(description="server stages decode, resize, queue, inference, encode in "
+                                          "ms; their sum is the server time (HTTP parsing excluded)")
 
 
 class BatchPrediction(BaseModel):

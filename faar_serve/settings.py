@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     cpu_spin_wait: bool = Field(
         False, description="onnx engine on CPU: ONNX Runtime threads busy-wait between operators; lower "
         "latency when idle, less throughput under load (they take the cores that decode and encode)")
+    render_threads: int = Field(
+        1, ge=1, description="threads that resize and encode one answer's maps in parallel (OpenCV, zlib-ng "
+        "and fpng release the GIL); 1: one after the other. More only helps while cores are idle (few "
+        "concurrent requests): bench/RESULTS.md, data path")
     max_queue: int = Field(64, ge=1, description="images in the gateway at once (decode to encode); then 503")
     max_batch_images: int = Field(16, ge=1, description="images per /v1/predict/batch (max_queue at most)")
     max_upload_bytes: int = Field(32 * MiB, ge=1, description="request body limit, checked while streaming")

@@ -19,7 +19,7 @@ class Metrics:
         self.latency = Histogram("faar_request_duration_seconds", "HTTP request latency by route",
                                  ["route", "method"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.stages = Histogram("faar_stage_duration_seconds", "time per image in each stage "
-                                "(decode, queue, inference, encode)", ["stage"], buckets=LATENCY_BUCKETS,
+                                "(decode, resize, queue, inference, encode)", ["stage"], buckets=LATENCY_BUCKETS,
                                 registry=self.registry)
         self.batch_size = Histogram("faar_engine_batch_size", "images per engine call (onnx: per run; "
                                     "triton: per request, Triton batches further)", buckets=BATCH_BUCKETS,
