@@ -23,10 +23,10 @@ from bench.common import markdown_table, write_result
 from bench.photos import encoded, photo_like
 from bench.serving import export_repository
 from faar_serve import codec
-from faar_serve.providers import create_session
 from faar_serve.manifest import load_model_spec
 from faar_serve.predictor import Predictor
 from faar_serve.predictor.batch import collect, run
+from faar_serve.providers import create_session
 
 MODEL = "faar"
 

@@ -44,9 +44,9 @@ from clients import loadgen
 from faar.data.scenes import render_scene
 from faar.export import ExportOptions, export_run
 from faar.run import save_model
-from faar_serve.providers import create_session
 from faar_serve.manifest import load_model_spec
 from faar_serve.net import free_port, wait_ready
+from faar_serve.providers import create_session
 from faar_serve.triton_local import LocalTriton
 
 MODEL = "faar"

@@ -68,7 +68,7 @@ def test_gateway_on_triton_equals_the_embedded_engine(triton: LocalTriton, repo:
                                   triton_protocol=protocol, triton_timeout_s=10))
         with TestClient(app) as client:
             assert client.get("/readyz").json()["ready"] is True
-            r = client.post("/v1/predict/batch", params={"format": "npz"}, files=files)
+            r = client.post("/v1/predict/batch", params={"format": "npz", "precision": "float32"}, files=files)
             assert r.status_code == 200, r.text
             answers[engine] = load_npz(r.content)
             one = client.post("/v1/predict", files=post_image(encode(images[0])))
@@ -140,7 +140,7 @@ def test_gateway_answers_503_while_triton_is_down_or_hung_and_recovers(repo: Pat
         server.start()
         _wait_for_200(gateway.url, 15)
         assert httpx.get(gateway.url + "/readyz").json()["ready"] is True
-        r = httpx.post(gateway.url + "/v1/predict", params={"format": "npz"},
+        r = httpx.post(gateway.url + "/v1/predict", params={"format": "npz", "precision": "float32"},
                        files=post_image(encode(image(503, 30, 90))))
         assert_maps_equal(load_npz(r.content), offline_maps(image(503, 30, 90)))
 
@@ -240,7 +240,8 @@ def test_a_gateway_without_the_repository_reads_the_model_from_triton(repo: Path
         assert httpx.get(url + "/readyz").json() == {"ready": True, "engine": "triton", "model": "faar",
                                                      "version": 1, "provider": "KIND_CPU", "detail": None}
         assert httpx.get(url + "/v1/model").json() == json.loads((moved / "faar" / "1" / "manifest.json").read_text())
-        r = httpx.post(url + "/v1/predict", params={"format": "npz"}, files=post_image(encode(image(7, 48, 80))))
+        r = httpx.post(url + "/v1/predict", params={"format": "npz", "precision": "float32"},
+                       files=post_image(encode(image(7, 48, 80))))
         assert r.status_code == 200, r.text
         assert_maps_equal(load_npz(r.content), offline_maps(image(7, 48, 80)))
         metrics = httpx.get(url + "/metrics").text
