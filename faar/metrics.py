@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from faar.tasks import IGNORE_INDEX, TaskSpec, balanced_bce
+from .losses import IGNORE_INDEX, balanced_bce, depth_valid, normals_valid
+
+if TYPE_CHECKING:  # tasks.py builds its kinds from the meters below
+    from .tasks import TaskSpec
 
 # Metrics where smaller is better; every other metric compared by ``delta_m`` is higher-is-better.
 LOWER_IS_BETTER: frozenset[str] = frozenset({"mean", "median", "rmse", "abs_rel", "loss"})
@@ -270,7 +274,7 @@ class NormalsMeter(Meter):
         }
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        valid = (target.abs().sum(1) > 0) & (target != IGNORE_INDEX).all(1)
+        valid = normals_valid(target)[:, 0]
         p = self.spec.activate(pred).movedim(1, -1)[valid]
         g = F.normalize(target, dim=1).movedim(1, -1)[valid]
         err = torch.rad2deg(2 * torch.atan2((p - g).norm(dim=-1), (p + g).norm(dim=-1))).double()
@@ -313,7 +317,7 @@ class DepthMeter(Meter):
                 "delta1": torch.zeros((), dtype=torch.int64), "pixels": torch.zeros((), dtype=torch.int64)}
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        valid = (target > 0) & (target != IGNORE_INDEX)
+        valid = depth_valid(target)
         p = self.spec.postprocess(pred)[valid].double()
         g = target[valid].double()
         s = self.state
@@ -331,18 +335,6 @@ class DepthMeter(Meter):
                 "delta1": int(self.state["delta1"]) / n * 100}
 
 
-def make_meter(spec: TaskSpec, edge_tolerance: float = EDGE_TOLERANCE) -> Meter:
-    if spec.kind == "labels":
-        return ConfusionMeter(spec)
-    if spec.kind == "probability":
-        return EdgeMeter(spec, edge_tolerance) if spec.name == "edge" else SaliencyMeter(spec)
-    if spec.kind == "normals":
-        return NormalsMeter(spec)
-    if spec.kind == "depth":
-        return DepthMeter(spec)
-    raise ValueError(spec.kind)
-
-
 class MultiTaskMetrics:
     """One meter per task. ``update`` takes raw network outputs and dataset-convention labels.
 
@@ -352,7 +344,7 @@ class MultiTaskMetrics:
     """
 
     def __init__(self, tasks: Mapping[str, TaskSpec], edge_tolerance: float = EDGE_TOLERANCE) -> None:
-        self.meters = {name: make_meter(spec, edge_tolerance) for name, spec in tasks.items()}
+        self.meters = {name: spec.rules.meter(spec, edge_tolerance) for name, spec in tasks.items()}
 
     @torch.no_grad()
     def update(self, preds: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> None:
@@ -433,40 +425,18 @@ def trivial_baseline(tasks: Mapping[str, TaskSpec],
                      targets: Iterable[Mapping[str, torch.Tensor]]) -> TrivialBaseline:
     """Fit the trivial predictor on training targets, so the model can be shown to beat it.
 
-    labels: log class prior (Laplace-smoothed), whose argmax is the most frequent class;
-    saliency/edge: the logit of the mean positive rate; normals: the mean valid normal (normalised by
-    ``activate``); depth: the mean valid depth (the constant with the least rmse).
+    Each task kind fits its own constant (``TaskKind.baseline_output``): the class prior for label
+    maps, the mean positive rate, the mean normal, the mean depth.
     """
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, torch.Tensor] = {}
     for batch in targets:
         for name, spec in tasks.items():
-            t = batch[name].detach().cpu()
-            if spec.kind == "labels":
-                t = t.long()[t != IGNORE_INDEX]
-                s, n = torch.bincount(t, minlength=spec.channels).double(), t.numel()
-            elif spec.kind == "normals":
-                valid = (t.abs().sum(1) > 0) & (t != IGNORE_INDEX).all(1)
-                v = t.movedim(1, -1)[valid].double()
-                s, n = v.sum(0), v.shape[0]
-            else:
-                valid = t != IGNORE_INDEX
-                if spec.kind == "depth":
-                    valid &= t > 0
-                v = t[valid].double()
-                s, n = v.sum().reshape(1), v.numel()
+            s, n = spec.rules.baseline_sums(spec, batch[name].detach().cpu())
             sums[name] = sums.get(name, 0) + s
             counts[name] = counts.get(name, 0) + torch.tensor(float(n), dtype=torch.float64)
     if set(sums) != set(tasks):
         raise ValueError("trivial_baseline: no targets to fit")
-    constants = {}
-    for name, spec in tasks.items():
-        s, n = sums[name], counts[name]
-        if spec.kind == "labels":
-            c = ((s + 1) / (n + spec.channels)).log()
-        elif spec.kind == "probability":
-            c = torch.logit((s / n.clamp(min=1)).clamp(1e-6, 1 - 1e-6))
-        else:  # normals: the direction is what counts; depth: the mean
-            c = s / n.clamp(min=1)
-        constants[name] = c.float()
+    constants = {name: spec.rules.baseline_output(spec, sums[name], counts[name]).float()
+                 for name, spec in tasks.items()}
     return TrivialBaseline(tasks, constants)

@@ -280,7 +280,7 @@ def test_bad_options(run_dir: Path, tmp_path: Path, options: ExportOptions, mess
 
 
 def test_too_many_classes_for_uint8() -> None:
-    spec = TaskSpec("semseg", "labels", 256, "cross_entropy", 1.0, "x", classes=tuple(map(str, range(256))))
+    spec = TaskSpec("semseg", "labels", 256, 1.0, "x", classes=tuple(map(str, range(256))))
     with pytest.raises(ExportError, match="255"):
         export.output_specs({"semseg": spec}, (64, 64), probabilities=False)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..tasks import IGNORE_INDEX
+from ..losses import IGNORE_INDEX
 from .base import FolderDataset, first_existing, read_indexed_png
 from .transforms import unit_normals
 

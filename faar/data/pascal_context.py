@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from ..tasks import HUMAN_PARTS_CLASSES, IGNORE_INDEX, PASCAL_CONTEXT_CLASSES
+from ..losses import IGNORE_INDEX
+from ..tasks import HUMAN_PARTS_CLASSES, PASCAL_CONTEXT_CLASSES
 from .base import FolderDataset, first_existing, read_gray, read_indexed_png, read_rgb
 from .transforms import unit_normals
 

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..tasks import IGNORE_INDEX, get_task
+from ..losses import IGNORE_INDEX
+from ..tasks import get_task
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -103,8 +104,8 @@ def transform_sample(raw: Mapping[str, Any], size: tuple[int, int],
                      aug: Augmentation = Augmentation()) -> dict[str, Any]:
     """Warp a raw sample by ``aug``, resize to ``size`` (H, W) and convert to tensors.
 
-    Every key but ``image`` and ``meta`` must be a task name from ``faar.tasks``; its kind
-    decides how it is resampled.
+    Every key but ``image`` and ``meta`` must be a task name from ``faar.tasks``; its kind's
+    ``resample`` rule decides how it is resampled.
     """
     image = torch.tensor(raw["image"]).permute(2, 0, 1).float() / 255.0
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -121,11 +122,11 @@ def transform_sample(raw: Mapping[str, Any], size: tuple[int, int],
         value = torch.tensor(raw[name], dtype=torch.float32)
         if value.shape[:2] != src_hw:
             raise ValueError(f"'{name}' is {tuple(value.shape[:2])}, image is {src_hw}")
-        kind = get_task(name).kind
-        if kind == "normals":
+        rule = get_task(name).rules.resample
+        if rule == "normals":
             value = value.permute(2, 0, 1)
             smooth += [value, (value.abs().sum(0, keepdim=True) > 0).float()]
-        elif kind == "depth":
+        elif rule == "depth":
             valid = (value > 0).float()[None]
             smooth += [value[None] * valid, valid]
         else:
@@ -139,13 +140,13 @@ def transform_sample(raw: Mapping[str, Any], size: tuple[int, int],
     out: dict[str, Any] = {"image": warped_smooth[:3].contiguous()}
     i, j = 3, 0
     for name in tasks:
-        kind = get_task(name).kind
-        if kind == "normals":
+        rule = get_task(name).rules.resample
+        if rule == "normals":
             vec, weight = warped_smooth[i:i + 3], warped_smooth[i + 3:i + 4]
             i += 4
             vec = F.normalize(_rotate_normals(vec, aug), dim=0, eps=1e-6)
             out[name] = torch.where(weight >= 0.5, vec, torch.zeros_like(vec)).contiguous()
-        elif kind == "depth":
+        elif rule == "depth":
             num, weight = warped_smooth[i:i + 1], warped_smooth[i + 1:i + 2]
             i += 2
             depth = num / weight.clamp(min=1e-6) / aug.scale
@@ -153,7 +154,7 @@ def transform_sample(raw: Mapping[str, Any], size: tuple[int, int],
         else:
             value = warped_discrete[j:j + 1].masked_fill(outside[None], IGNORE_INDEX)
             j += 1
-            out[name] = value[0].round().long() if kind == "labels" else value.contiguous()
+            out[name] = value[0].round().long() if rule == "classes" else value.contiguous()
     meta = raw["meta"]
     out["meta"] = {"name": str(meta["name"]), "size": tuple(int(v) for v in meta["size"])}
     return out
