@@ -113,3 +113,51 @@ def export_main(argv: list[str] | None = None) -> int:
                       "sha256": m["onnx"]["sha256"], "exporter": m["export"]["exporter"],
                       "seconds": m["export"]["total_seconds"], "parity": m["parity"]["outputs"]}))
     return 0
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="faar-eval",
+        description="Task metrics of an exported model on a dataset split, through the gateway's own image "
+                    "path (resize in, ONNX Runtime, resize maps back to each label's size) and the training "
+                    "metrics; with --run, the run's PyTorch model on the same pixels and the differences.",
+    )
+    add = parser.add_argument
+    add("--model-repository", required=True, metavar="REPO_DIR", help="model repository written by faar-export")
+    add("--name", default="faar", help="model name under REPO_DIR (default: faar)")
+    add("--version", type=int, help="model version (default: the newest)")
+    add("--config", help="preset or YAML whose data section names the dataset (default with --run: "
+                         "RUN_DIR/config.yaml)")
+    add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="dotted config override, e.g. data.root=/data/PASCAL_MT (repeatable)")
+    add("--split", help="dataset split (default: the config's data.val_split)")
+    add("--run", metavar="RUN_DIR", help="also evaluate this run's PyTorch model and print the differences")
+    add("--limit", type=int, help="evaluate the first N images only")
+    add("--batch-size", type=int, default=8, help="images per ONNX Runtime call (default: 8)")
+    add("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="ONNX Runtime device (default: cpu)")
+    add("--out", metavar="JSON", help="write the report here as JSON")
+    args = parser.parse_args(argv)
+
+    from .evaluation import EvalError, evaluate_export, format_table
+    from .run import RunError
+
+    if args.limit is not None and args.limit < 1:
+        return _fail(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        return _fail(f"--batch-size must be >= 1, got {args.batch_size}")
+    config = args.config or (str(Path(args.run) / "config.yaml") if args.run else None)
+    if config is None:
+        return _fail("--config is required without --run (it names the dataset)")
+    try:
+        cfg = load_config(config, args.overrides)
+        report = evaluate_export(args.model_repository, cfg.data, args.split, args.name, args.version, args.run,
+                                 args.limit, args.batch_size, args.device)
+    except (ConfigError, EvalError, RunError, ValueError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    print(format_table(report))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({"images": report["data"]["images"], "out": args.out}))
+    return 0

@@ -11,12 +11,12 @@ labels in the datasets' conventions at their native size.
 Decisions:
 
 * Exported outputs are post-processed maps; the meters take raw network outputs and apply the
-  task's own ``postprocess`` / ``activate``. ``maps_as_raw`` hands each meter the raw output
-  whose post-processing gives back the map exactly: a one-hot tensor for class indices
-  (argmax returns the index), ``logit(p)`` for probabilities (sigmoid returns p; p is clipped
-  to [1e-7, 1 - 1e-7] first, which moves no pixel across a threshold in [0.2, 0.9]), unit
-  normals as they are (normalising is idempotent) and metres as they are (clamp at 0 is too).
-  So no meter changes and every metric means what it means in training.
+  task's own ``postprocess`` / ``activate``. Each kind's ``raw_from_map`` (faar/tasks.py) hands
+  its meter the raw output whose post-processing gives back the map: a one-hot tensor for
+  class indices (argmax returns the index), ``logit(p)`` for probabilities (sigmoid returns p;
+  p is clipped to [1e-7, 1 - 1e-7] first, which moves no pixel across a threshold in
+  [0.2, 0.9]), unit normals as they are (normalising is idempotent) and metres as they are
+  (clamp at 0 is too). So no meter changes and every metric means what it means in training.
 * Labels at native size: ``transform_sample`` with the identity augmentation at the sample's
   own size, which converts every label to the training conventions (ignore values, normals'
   validity, depth 0 = no label) without moving a pixel.
@@ -52,7 +52,6 @@ from .metrics import MultiTaskMetrics
 from .model import IMAGENET_MEAN, IMAGENET_STD, FAARModel
 from .tasks import TaskSpec, get_task
 
-PROB_EPS = 1e-7
 # A predictor takes uint8 pixels [B, H, W, 3] at the model size and the label size of each image,
 # and returns per image the raw-like predictions the meters take, one [1, C, h, w] tensor per task.
 Predictor = Callable[[np.ndarray, Sequence[tuple[int, int]]], list[dict[str, torch.Tensor]]]
@@ -86,17 +85,11 @@ def samples(dataset: MultiTaskDataset, size: tuple[int, int], limit: int | None 
 
 def maps_as_raw(spec: TaskSpec, arr: np.ndarray) -> torch.Tensor:
     """A post-processed map (``[h, w]``, normals ``[3, h, w]``) -> the raw ``[1, C, h, w]`` output
-    whose post-processing by ``spec`` gives the map back (module docstring)."""
-    x = torch.from_numpy(np.ascontiguousarray(arr))
-    if spec.kind == "labels":
-        index = x.long()
-        if index.numel() and int(index.max()) >= spec.channels:
-            raise EvalError(f"{spec.name}: class index {int(index.max())} >= {spec.channels} classes")
-        return torch.nn.functional.one_hot(index, spec.channels).permute(2, 0, 1)[None].float()
-    x = x.float()
-    if spec.kind == "probability":
-        return torch.logit(x.clamp(PROB_EPS, 1 - PROB_EPS))[None, None]
-    return x[None] if spec.kind == "normals" else x[None, None]
+    whose post-processing by ``spec`` gives the map back (``TaskKind.raw_from_map``)."""
+    try:
+        return spec.rules.raw_from_map(spec, torch.from_numpy(np.ascontiguousarray(arr))[None])
+    except ValueError as exc:
+        raise EvalError(str(exc)) from exc
 
 
 def onnx_predictor(path: str | os.PathLike, tasks: Mapping[str, TaskSpec], input_name: str = "image",
