@@ -78,11 +78,12 @@ def export_main(argv: list[str] | None = None) -> int:
     add("--version", type=int, default=1, help="model version folder, >= 1 (default: 1)")
     add("--height", type=int, help="input height, a multiple of 32 (default: the run's size)")
     add("--width", type=int, help="input width, a multiple of 32 (default: the run's size)")
-    add("--fft", choices=["matmul", "dft"], default="matmul",
-        help="matmul (default): the decoder's DFTs as MatMuls with constant matrices, runs on every "
-             "execution provider; dft: the ONNX DFT operator (no CUDA kernel in ONNX Runtime, slow on CPU)")
+    add("--fft", choices=["matmul", "torch", "dft"], default="matmul",
+        help="the decoder's 2-D DFTs, named as in the config's decoder.fft. matmul (default): MatMuls "
+             "with constant matrices, run on every execution provider; torch: torch.fft, exported as the "
+             "ONNX DFT operator (no CUDA kernel in ONNX Runtime, slow on CPU); dft: the old name of torch")
     add("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto",
-        help="auto (default): torchscript for --fft matmul (fast), dynamo for --fft dft (the only "
+        help="auto (default): torchscript for --fft matmul (fast), dynamo for --fft torch (the only "
              "exporter of FFTs)")
     add("--fp16", action="store_true",
         help="float16 weights and compute; inputs, outputs and DFT nodes keep their fp32 types")

@@ -1,8 +1,28 @@
-"""What the gateway knows about a model: read from the exported repository, never from ``faar``.
+"""The export manifest: the one contract between ``faar-export`` and whatever serves its models.
 
-``faar-export`` writes ``<repo>/<name>/config.pbtxt`` (Triton's view: batch limit) and
-``<repo>/<name>/<version>/manifest.json`` (tasks, outputs, classes, palette, units). Only
-the keys below are read; anything else in the manifest is passed through untouched.
+``faar-export`` writes ``<repo>/<name>/config.pbtxt`` (Triton's view: the batch limit) and
+``<repo>/<name>/<version>/manifest.json``, which it builds from the models below and writes
+as their JSON; the gateway reads it back through the same models (``load_manifest``), so
+what one writes the other can read. Torch-free: ``faar`` imports this module, never the
+other way round.
+
+Decisions:
+
+* Every part is typed and unknown keys are refused: a typo in the exporter fails the
+  export, a hand-edited file fails at gateway start, each with the field named, never at
+  the first request.
+* ``FORMAT_VERSION`` changes when a field is removed or renamed or changes meaning; a
+  reader refuses any other version with one line naming the version and the file.
+  Optional fields (default ``None``) may be added within a version, e.g. the INT8
+  export's precision, calibration and quantisation-gate results under ``export`` and
+  ``parity``; a reader older than such a field refuses the file and names the field.
+* A task is one of four kinds, told apart by ``kind``; each kind carries its own fields
+  (labels: classes and a palette; probability: range; normals: convention; depth: units).
+* ``parse_manifest`` takes the decoded JSON from anywhere (a file, or a copy that
+  config.pbtxt carries for a gateway that only talks to Triton); ``load_manifest`` reads
+  the file.
+* The decoder's 2-D DFT is named as in the run's config (``matmul`` | ``torch``);
+  ``dft``, faar-export's earlier name for ``torch``, is read as ``torch``.
 """
 
 from __future__ import annotations
@@ -10,20 +30,87 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
-KINDS = ("labels", "probability", "normals", "depth")
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+
 FORMAT_VERSION = 1
+TaskKind = Literal["labels", "probability", "normals", "depth"]
+KINDS: tuple[str, ...] = get_args(TaskKind)
+FFTBackend = Literal["matmul", "torch"]
+FFT_ALIASES = {"dft": "torch"}  # faar-export's earlier spelling
+DType = Literal["uint8", "float32"]
+SHA256 = r"^[0-9a-f]{64}$"
+Count = Annotated[int, Field(ge=0)]
+Channel = Annotated[int, Field(ge=0, le=255)]
 
 
 class ManifestError(ValueError):
     """The repository does not hold a model the gateway can serve; the message says why."""
 
 
+class Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- what the graph takes and gives -------------------------------------------------------------
+class Tensor(Schema):
+    name: str = Field(min_length=1)
+    dtype: DType
+    shape: list[int] = Field(min_length=2, description="-1 first (the dynamic batch axis), then fixed dims")
+    meaning: str
+
+    @field_validator("shape")
+    @classmethod
+    def _batch_first(cls, shape: list[int]) -> list[int]:
+        if shape[0] != -1 or any(d < 1 for d in shape[1:]):
+            raise ValueError(f"shape {shape}: want -1 (batch) and then positive dims")
+        return shape
+
+
+class Normalization(Schema):
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    formula: str
+
+
+class InputTensor(Tensor):
+    dtype: Literal["uint8"]
+    layout: Literal["NHWC"]
+    color: Literal["RGB"]
+    range: tuple[int, int]
+    normalization: Normalization
+
+    @field_validator("shape")
+    @classmethod
+    def _rgb_image(cls, shape: list[int]) -> list[int]:
+        if len(shape) != 4 or shape[3] != 3:
+            raise ValueError(f"shape {shape}: want [-1, H, W, 3] (RGB pixels, NHWC)")
+        return shape
+
+
+class OutputTensor(Tensor):
+    task: str
+
+
+# --- tasks, one model per kind ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class TaskInfo:
+    """What the gateway needs of one task to answer with its map."""
+
     name: str
     kind: str  # one of KINDS
     output: str  # graph output holding the task's map
@@ -33,21 +120,290 @@ class TaskInfo:
     units: str = ""
 
 
+class TaskBase(Schema):
+    kind: TaskKind
+    description: str
+    channels: int = Field(ge=1)
+    outputs: list[str] = Field(min_length=1, description="graph outputs; the one named after the task is its map")
+
+    def info(self, name: str) -> TaskInfo:
+        output = name if name in self.outputs else self.outputs[0]
+        return TaskInfo(name, self.kind, output, self.description)
+
+
+class LabelsTask(TaskBase):
+    kind: Literal["labels"]
+    classes: list[str] = Field(min_length=1, description="name per class index")
+    palette: list[tuple[Channel, Channel, Channel]] = Field(description="RGB per class index")
+
+    @model_validator(mode="after")
+    def _colour_per_class(self) -> LabelsTask:
+        if len(self.palette) < len(self.classes):
+            raise ValueError(f"{len(self.classes)} classes but {len(self.palette)} palette colours")
+        return self
+
+    def info(self, name: str) -> TaskInfo:
+        return replace(super().info(name), classes=tuple(self.classes), palette=tuple(self.palette))
+
+
+class ProbabilityTask(TaskBase):
+    kind: Literal["probability"]
+    range: tuple[float, float]
+
+
+class NormalsTask(TaskBase):
+    kind: Literal["normals"]
+    convention: str = Field(description="axes of the unit vectors")
+
+    def info(self, name: str) -> TaskInfo:
+        return replace(super().info(name), description=self.convention)
+
+
+class DepthTask(TaskBase):
+    kind: Literal["depth"]
+    units: str
+
+    def info(self, name: str) -> TaskInfo:
+        return replace(super().info(name), units=self.units)
+
+
+Task = Annotated[LabelsTask | ProbabilityTask | NormalsTask | DepthTask, Field(discriminator="kind")]
+
+
+# --- where the model came from and how it was made ---------------------------------------------------
+class ModelRef(Schema):
+    name: str
+    version: int = Field(ge=1)
+
+
+class Source(Schema):
+    run: str = Field(description="the run directory the model was rebuilt from")
+    model_sha256: str = Field(pattern=SHA256)
+    config: dict[str, Any] = Field(description="the run's configuration, as faar.config writes it")
+
+
+class LayerRank(Schema):
+    group: str
+    site: str
+    kind: str = Field(description="adapter kind (dora | lora)")
+    rank: Count
+    parameters_before: Count
+    parameters_after: Count
+
+
+class Ranks(Schema):
+    layers: dict[str, LayerRank]
+    count: Count
+    total: Count
+    min: Count
+    max: Count
+    mean: float
+
+
+class Parameters(Schema):
+    note: str
+    before_merge: Count
+    trainable_before_merge: Count
+    after_merge: Count
+    onnx_initializer_elements: Count
+
+
+def _fft_name(value: Any) -> Any:
+    return FFT_ALIASES.get(value, value) if isinstance(value, str) else value
+
+
+class ExportOptionsRecord(Schema):
+    """faar-export's options as given (``None``: the default was used)."""
+
+    name: str
+    version: int = Field(ge=1)
+    height: int | None
+    width: int | None
+    fft: FFTBackend
+    fp16: bool
+    max_batch_size: int = Field(ge=1)
+    device_kind: Literal["gpu", "cpu"]
+    opset: int | None
+    probabilities: bool
+    overwrite: bool
+    exporter: Literal["auto", "torchscript", "dynamo"]
+
+    normalise_fft = field_validator("fft", mode="before")(_fft_name)
+
+
+class GraphInfo(Schema):
+    """What writing the ONNX file did (``faar.export.graph.export_onnx``)."""
+
+    exporter: Literal["torchscript", "dynamo"]
+    opset: int
+    ir_version: int
+    optimization: str
+    fp16: bool
+    nodes: Count
+    op_types: dict[str, Count]
+    initializer_elements: Count
+    export_seconds: float
+    seconds: float
+
+
+class ExportInfo(GraphInfo):
+    options: ExportOptionsRecord
+    fft_backend: FFTBackend
+    versions: dict[str, str] = Field(description="package versions of the export")
+    total_seconds: float
+
+    normalise_fft = field_validator("fft_backend", mode="before")(_fft_name)
+
+
+class ParityReference(Schema):
+    model: str
+    fft_backend: FFTBackend
+    runtime: str
+
+
+class ParityTolerance(Schema):
+    max_abs: float
+    mean_abs: float
+    min_label_agreement: float
+
+
+class ParityInput(Schema):
+    content: str
+    batch: int = Field(ge=1)
+
+
+class LabelAgreement(Schema):
+    agreement: float = Field(description="share of pixels with the same class")
+
+
+class MapError(Schema):
+    max_abs_error: float
+    mean_abs_error: float
+
+
+class Parity(Schema):
+    reference: ParityReference
+    candidate: str
+    passed: bool
+    failures: list[str]
+    tolerance: ParityTolerance
+    inputs: list[ParityInput]
+    outputs: dict[str, LabelAgreement | MapError]
+
+
+class OnnxFile(Schema):
+    file: str = Field(min_length=1)
+    sha256: str = Field(pattern=SHA256)
+    bytes: Count
+
+
+class Manifest(Schema):
+    """``<version>/manifest.json``: what the graph takes and gives, and how it was made."""
+
+    format_version: int = FORMAT_VERSION
+    model: ModelRef
+    created: AwareDatetime
+    source: Source
+    inputs: list[InputTensor] = Field(min_length=1, max_length=1)
+    outputs: list[OutputTensor] = Field(min_length=1)
+    input_size: tuple[int, int]
+    tasks: dict[str, Task] = Field(min_length=1)
+    ranks: Ranks
+    parameters: Parameters
+    export: ExportInfo
+    parity: Parity
+    onnx: OnnxFile
+
+    @field_validator("format_version")
+    @classmethod
+    def _known_format(cls, version: int) -> int:
+        if version != FORMAT_VERSION:
+            raise ValueError(f"manifest format {version}; this reader reads format {FORMAT_VERSION}")
+        return version
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        names = [o.name for o in self.outputs]
+        if len(set(names)) != len(names) or self.image.name in names:
+            raise ValueError(f"tensor names repeat: {[self.image.name, *names]}")
+        if tuple(self.image.shape[1:3]) != self.input_size:
+            raise ValueError(f"input_size {list(self.input_size)} is not the input's {self.image.shape[1:3]}")
+        for o in self.outputs:
+            if o.task not in self.tasks:
+                raise ValueError(f"output {o.name!r} names task {o.task!r}, which is not in tasks")
+        for name, task in self.tasks.items():
+            missing = [o for o in task.outputs if o not in names]
+            if missing:
+                raise ValueError(f"task {name!r} names outputs {missing}, which the graph does not have")
+        return self
+
+    @field_serializer("created")
+    def _iso(self, created: datetime) -> str:
+        return created.isoformat()  # "+00:00" as faar-export has always written, not pydantic's "Z"
+
+    @property
+    def image(self) -> InputTensor:
+        return self.inputs[0]
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+
+def _problems(exc: ValidationError, limit: int = 3) -> str:
+    errors = exc.errors(include_url=False)
+    said = [f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in errors[:limit]]
+    more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
+    return "; ".join(said) + more
+
+
+def parse_manifest(data: Any, source: str) -> Manifest:
+    """Decoded manifest JSON -> a validated ``Manifest``; ``ManifestError`` (one line, naming
+    ``source``) for another format version or any field that does not fit."""
+    version = data.get("format_version") if isinstance(data, Mapping) else None
+    if version != FORMAT_VERSION:
+        raise ManifestError(f"{source}: manifest format {version!r}; this gateway reads format "
+                            f"{FORMAT_VERSION} (update faar_serve or re-export the model)")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError(f"{source} is not a valid faar-export manifest: {_problems(exc)}") from exc
+
+
+def load_manifest(path: str | os.PathLike) -> Manifest:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"cannot read {path}: {exc}") from exc
+    return parse_manifest(data, str(path))
+
+
+# --- what the gateway serves --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelSpec:
+    """The served model: the validated manifest plus what the gateway looks up per request."""
+
     name: str
     version: int
     input_name: str
     height: int
     width: int
-    max_batch_size: int
+    max_batch_size: int  # config.pbtxt's, the limit Triton enforces for the same model
     tasks: dict[str, TaskInfo]
-    manifest: dict[str, Any]
+    manifest: Manifest
     model_dir: Path
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, model_dir: Path, version: int, max_batch_size: int) -> ModelSpec:
+        _, height, width, _ = manifest.image.shape
+        return cls(name=model_dir.name, version=version, input_name=manifest.image.name, height=height,
+                   width=width, max_batch_size=max_batch_size,
+                   tasks={name: task.info(name) for name, task in manifest.tasks.items()},
+                   manifest=manifest, model_dir=model_dir)
 
     @property
     def onnx_path(self) -> Path:
-        return self.model_dir / str(self.version) / self.manifest.get("onnx", {}).get("file", "model.onnx")
+        return self.model_dir / str(self.version) / self.manifest.onnx.file
 
     def select_tasks(self, names: str | None) -> list[str]:
         """``"semseg,depth"`` -> those tasks in that order; None or empty -> every task."""
@@ -81,48 +437,10 @@ def read_max_batch_size(config_pbtxt: Path) -> int:
     return int(match.group(1))
 
 
-def _task(name: str, entry: dict[str, Any], outputs: dict[str, dict[str, Any]]) -> TaskInfo:
-    kind = entry.get("kind")
-    if kind not in KINDS:
-        raise ManifestError(f"task {name!r}: kind {kind!r} is not one of {KINDS}")
-    # The map is the output named after the task (label tasks may add "<task>_probs").
-    candidates = [o for o in entry.get("outputs", []) if o in outputs]
-    output = name if name in candidates else next(iter(candidates), None)
-    if output is None:
-        raise ManifestError(f"task {name!r} names no graph output")
-    classes = tuple(entry.get("classes", ()))
-    palette = tuple(tuple(int(v) for v in c) for c in entry.get("palette", ()))
-    if kind == "labels" and (not classes or len(palette) < len(classes)):
-        raise ManifestError(f"label task {name!r} needs classes and a palette entry per class")
-    return TaskInfo(name, kind, output, str(entry.get("convention") or entry.get("description", "")),
-                    classes, palette, str(entry.get("units", "")))
-
-
 def load_model_spec(repository: str | os.PathLike, model: str, version: int | None = None) -> ModelSpec:
     model_dir = Path(repository) / model
     if not model_dir.is_dir():
         raise ManifestError(f"model {model!r} not found: {model_dir} is not a directory")
     version = latest_version(model_dir) if version is None else version
-    path = model_dir / str(version) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ManifestError(f"cannot read {path}: {exc}") from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ManifestError(f"{path}: manifest format {manifest.get('format_version')!r}; this gateway reads "
-                            f"format {FORMAT_VERSION} (update faar_serve or re-export)")
-    try:
-        image = manifest["inputs"][0]
-        _, height, width, channels = image["shape"]
-        outputs = {o["name"]: o for o in manifest["outputs"]}
-        entries = dict(manifest["tasks"])
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise ManifestError(f"{path} is not a faar-export manifest ({type(exc).__name__}: {exc})") from exc
-    if image.get("dtype") != "uint8" or channels != 3 or image.get("layout", "NHWC") != "NHWC":
-        raise ManifestError(f"{path}: input {image.get('name')!r} is not uint8 NHWC RGB")
-    tasks = {name: _task(name, entry, outputs) for name, entry in entries.items()}
-    if not tasks:
-        raise ManifestError(f"{path} lists no tasks")
-    return ModelSpec(name=model, version=version, input_name=image["name"], height=int(height),
-                     width=int(width), max_batch_size=read_max_batch_size(model_dir / "config.pbtxt"),
-                     tasks=tasks, manifest=manifest, model_dir=model_dir)
+    manifest = load_manifest(model_dir / str(version) / "manifest.json")
+    return ModelSpec.from_manifest(manifest, model_dir, version, read_max_batch_size(model_dir / "config.pbtxt"))

@@ -1,10 +1,13 @@
-"""Typed answers of the HTTP API (they also document it at /docs)."""
+"""Typed answers of the HTTP API (they also document it at /docs); ``/v1/model`` answers the
+export manifest itself (``faar_serve.manifest.Manifest``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from pydantic import BaseModel, Field
 
-from pydantic import BaseModel, ConfigDict, Field
+from .manifest import Manifest
+
+__all__ = ["BatchPrediction", "ErrorBody", "Health", "Manifest", "Prediction", "Readiness", "TaskMap"]
 
 
 class TaskMap(BaseModel):
@@ -44,17 +47,6 @@ class BatchPrediction(BaseModel):
 class ErrorBody(BaseModel):
     error: str = Field(description="stable code, e.g. not_an_image, too_many_pixels, overloaded")
     detail: str = Field(description="what is wrong, for people")
-
-
-class Manifest(BaseModel):
-    """The export manifest (``<version>/manifest.json``) as written by faar-export; all keys kept."""
-
-    model_config = ConfigDict(extra="allow")
-    format_version: int
-    model: dict[str, Any]
-    inputs: list[dict[str, Any]]
-    outputs: list[dict[str, Any]]
-    tasks: dict[str, dict[str, Any]]
 
 
 class Health(BaseModel):

@@ -30,8 +30,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in a container)")
     port: int = Field(8080, ge=0, le=65535, description="port to bind")
     max_batch_size: int | None = Field(
-        None, ge=1, description="images per engine call; default: config.pbtxt's max_batch_size, except 1 for "
-        "the onnx engine on the CPU, where batches add latency and memory but no throughput")
+        None, ge=1, description="images per engine call, at most config.pbtxt's max_batch_size; default: that "
+        "limit, except 1 for the onnx engine on the CPU, where batches add latency and memory but no throughput")
     max_queue_delay_ms: float = Field(
         5.0, ge=0, description="onnx engine: how long the first image of a batch waits for company")
     cpu_spin_wait: bool = Field(

@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 from ..manifest import ModelSpec
 from ..settings import Settings
-from .base import BatchObserver, Engine, EngineFailure, EngineResult, EngineUnavailable
+from .base import BatchLimit, BatchObserver, Engine, EngineFailure, EngineResult, EngineUnavailable
 
-__all__ = ["Engine", "EngineFailure", "EngineResult", "EngineUnavailable", "create_engine"]
+__all__ = ["BatchLimit", "Engine", "EngineFailure", "EngineResult", "EngineUnavailable", "create_engine"]
 
 
 def create_engine(settings: Settings, spec: ModelSpec, upstream: Callable[[], int],
@@ -19,15 +19,15 @@ def create_engine(settings: Settings, spec: ModelSpec, upstream: Callable[[], in
     micro-batcher waits for company only while it is positive (Triton batches on its side).
     """
     outputs = list(dict.fromkeys(t.output for t in spec.tasks.values()))
+    batch = BatchLimit(requested=settings.max_batch_size, model=spec.max_batch_size)
     if settings.engine == "triton":
         from .triton import TritonEngine
 
-        return TritonEngine(settings.triton_url, settings.triton_protocol, spec.name, spec.version,
-                            spec.input_name, outputs, min(settings.max_batch_size or spec.max_batch_size,
-                                                          spec.max_batch_size),
-                            settings.triton_timeout_s, observe_batch)
+        return TritonEngine(url=settings.triton_url, protocol=settings.triton_protocol, model=spec.name,
+                            version=spec.version, input_name=spec.input_name, output_names=outputs, batch=batch,
+                            timeout_s=settings.triton_timeout_s, observe_batch=observe_batch)
     from .onnx import OnnxEngine
 
-    return OnnxEngine(spec.onnx_path, spec.input_name, outputs, settings.device, settings.max_batch_size,
-                      spec.max_batch_size, settings.max_queue_delay_ms, upstream, settings.cpu_spin_wait,
-                      observe_batch)
+    return OnnxEngine(onnx_path=spec.onnx_path, input_name=spec.input_name, output_names=outputs,
+                      device=settings.device, batch=batch, max_queue_delay_ms=settings.max_queue_delay_ms,
+                      upstream=upstream, spin_wait=settings.cpu_spin_wait, observe_batch=observe_batch)

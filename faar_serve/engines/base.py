@@ -20,6 +20,22 @@ class EngineFailure(RuntimeError):
 
 
 @dataclass(frozen=True)
+class BatchLimit:
+    """How many images go into one engine call, decided here and nowhere else."""
+
+    requested: int | None  # --max-batch-size; None: the default below
+    model: int  # config.pbtxt's max_batch_size, the limit Triton enforces for the same model
+
+    def size(self, cpu: bool = False) -> int:
+        """What was asked, at most the model's limit; by default the limit, except 1 for ONNX
+        Runtime on the CPU, where one image already uses every core, so batches add latency
+        and memory but no throughput (bench/RESULTS.md, serving)."""
+        if self.requested is not None:
+            return min(self.requested, self.model)
+        return 1 if cpu else self.model
+
+
+@dataclass(frozen=True)
 class EngineResult:
     outputs: dict[str, np.ndarray]  # graph output name -> [B, ...]
     queue_ms: float  # waiting for a batch slot inside the gateway (0 where the server batches)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .base import BatchObserver, Engine, EngineFailure, EngineResult, EngineUnavailable
+from .base import BatchLimit, BatchObserver, Engine, EngineFailure, EngineResult, EngineUnavailable
 
 log = logging.getLogger("faar_serve")
 CUDA = "CUDAExecutionProvider"
@@ -79,7 +79,7 @@ class _Item:
 class MicroBatcher:
     """Gathers single images into batches for ``run`` (a blocking function, called on one thread)."""
 
-    def __init__(self, run: RunFn, max_batch_size: int, max_delay_s: float, upstream: Callable[[], int],
+    def __init__(self, *, run: RunFn, max_batch_size: int, max_delay_s: float, upstream: Callable[[], int],
                  observe_batch: BatchObserver | None = None) -> None:
         self.run = run
         self.max_batch_size = max_batch_size
@@ -162,16 +162,14 @@ class MicroBatcher:
 class OnnxEngine(Engine):
     name = "onnx"
 
-    def __init__(self, onnx_path: Path, input_name: str, output_names: list[str], device: str,
-                 max_batch_size: int | None, gpu_max_batch_size: int, max_queue_delay_ms: float,
-                 upstream: Callable[[], int], spin_wait: bool = False,
-                 observe_batch: BatchObserver | None = None) -> None:
+    def __init__(self, *, onnx_path: Path, input_name: str, output_names: list[str], device: str,
+                 batch: BatchLimit, max_queue_delay_ms: float, upstream: Callable[[], int],
+                 spin_wait: bool = False, observe_batch: BatchObserver | None = None) -> None:
         self.onnx_path = onnx_path
         self.input_name = input_name
         self.output_names = output_names
         self.device = device
-        self.requested_batch_size = max_batch_size
-        self.gpu_max_batch_size = gpu_max_batch_size
+        self.batch = batch
         self.max_delay_s = max_queue_delay_ms / 1000
         self.upstream = upstream
         self.spin_wait = spin_wait
@@ -181,13 +179,11 @@ class OnnxEngine(Engine):
 
     async def start(self) -> None:
         self.session = await asyncio.to_thread(create_session, self.onnx_path, self.device, self.spin_wait)
-        on_cpu = self.session.get_providers()[0] == CPU
-        # Batching fills a GPU; on the CPU one image already uses every core, so batches add
-        # latency and memory but no throughput (bench/RESULTS.md, serving): 1 unless asked.
-        max_batch_size = self.requested_batch_size or (1 if on_cpu else self.gpu_max_batch_size)
+        max_batch_size = self.batch.size(cpu=self.session.get_providers()[0] == CPU)
         log.info("onnx engine: %s on %s, batches of up to %d", self.onnx_path, self.session.get_providers(),
                  max_batch_size)
-        self.batcher = MicroBatcher(self._run, max_batch_size, self.max_delay_s, self.upstream, self.observe_batch)
+        self.batcher = MicroBatcher(run=self._run, max_batch_size=max_batch_size, max_delay_s=self.max_delay_s,
+                                    upstream=self.upstream, observe_batch=self.observe_batch)
         self.batcher.start()
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:

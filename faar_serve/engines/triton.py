@@ -24,7 +24,7 @@ import tritonclient.http.aio as http_aio
 from tritonclient.grpc import KeepAliveOptions
 from tritonclient.utils import InferenceServerException
 
-from .base import BatchObserver, Engine, EngineFailure, EngineResult, EngineUnavailable
+from .base import BatchLimit, BatchObserver, Engine, EngineFailure, EngineResult, EngineUnavailable
 
 T = TypeVar("T")
 MAX_MESSAGE_BYTES = 2**31 - 1  # outputs of a batch of 512x512 maps exceed gRPC's 4 MB default
@@ -52,8 +52,8 @@ def grpc_channel_args() -> list[tuple[str, Any]]:
 class TritonEngine(Engine):
     name = "triton"
 
-    def __init__(self, url: str, protocol: str, model: str, version: int, input_name: str,
-                 output_names: list[str], max_batch_size: int, timeout_s: float,
+    def __init__(self, *, url: str, protocol: str, model: str, version: int, input_name: str,
+                 output_names: list[str], batch: BatchLimit, timeout_s: float,
                  observe_batch: BatchObserver | None = None) -> None:
         if "://" in url:
             raise ValueError(f"triton url {url!r}: give host:port without a scheme")
@@ -63,7 +63,7 @@ class TritonEngine(Engine):
         self.version = str(version)  # the version whose manifest the gateway read
         self.input_name = input_name
         self.output_names = output_names
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = batch.size()  # Triton batches on its side; this only splits big requests
         self.timeout_s = timeout_s
         self.observe_batch = observe_batch
         self.client: grpc_aio.InferenceServerClient | http_aio.InferenceServerClient | None = None
