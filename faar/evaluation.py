@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from faar_serve import codec
 from faar_serve.engines.onnx import create_session
 from faar_serve.manifest import load_model_spec
@@ -182,7 +183,7 @@ def evaluate_export(repository: str | os.PathLike, data: DataConfig, split: str 
     report: dict[str, Any] = {
         "model": {"repository": str(repository), "name": name, "version": spec.version,
                   "onnx": str(spec.onnx_path), "input_size": list(size),
-                  "precision": spec.manifest.get("export", {}).get("precision", "fp32")},
+                  "precision": spec.manifest.export.precision or ("fp16" if spec.manifest.export.fp16 else "fp32")},
         "data": {"dataset": data.dataset, "root": data.root, "split": split, "images": count},
         **results,
     }

@@ -194,6 +194,9 @@ class NormalsKind(TaskKind):
         """Unit normals as they are: normalising is idempotent."""
         return final.float()
 
+    def manifest_fields(self, spec: TaskSpec) -> dict[str, Any]:
+        return {"convention": spec.description}
+
     def baseline_sums(self, spec: TaskSpec, target: torch.Tensor) -> tuple[torch.Tensor, int]:
         vectors = target.movedim(1, -1)[normals_valid(target)[:, 0]].double()
         return vectors.sum(0), vectors.shape[0]

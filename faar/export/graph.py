@@ -17,7 +17,8 @@ Decisions:
   the node count (tiny, TorchScript: 5928 -> 2842) and keeps standard ONNX ops, so the
   saved file stays portable to any execution provider and to TensorRT; the extended and
   all levels would bake in CPU-specific fused kernels.
-* fp16 keeps the graph's input and output types and runs ``DFT`` nodes in fp32.
+* fp16 keeps the graph's input and output types and runs ``DFT`` nodes and the decoder's
+  spectral blocks (the DFT as MatMuls, the filters) in fp32 (``to_fp16``).
 * The saved file must pass ``onnx.checker`` (full check) with the planned I/O types and
   shapes, and hold no adapter, magnitude or rank-gate tensor name (a merge bug).
 """
@@ -79,12 +80,28 @@ def export_onnx(module: ExportWrapper, path: str | os.PathLike, opset: int | Non
             raise ExportError(f"ONNX export ({chosen}, opset {opset}) failed: {exc}") from exc
     proto = onnx.load(str(path))
     if fp16:
-        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+        proto = to_fp16(proto)
+    return {"exporter": chosen, "export_seconds": round(export_s, 2), "fp16": fp16,
+            **finish_graph(proto, path, module.inputs + module.outputs),
+            "seconds": round(time.perf_counter() - t0, 2)}
 
-        proto = convert_float_to_float16(proto, keep_io_types=True,
-                                         op_block_list=[*DEFAULT_OP_BLOCK_LIST, "DFT"])
+
+def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """float16 weights and compute; inputs, outputs, ``DFT`` and every node of the decoder's
+    spectral blocks (``/spectral`` in the name) stay fp32: spectra are kept in fp32 (spectral.py),
+    and the zero-frequency bin of a feature map grows with its size towards fp16's 65504."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    spectral = [n.name for n in proto.graph.node if "/spectral" in n.name]
+    return convert_float_to_float16(proto, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, "DFT"],
+                                    node_block_list=spectral)
+
+
+def finish_graph(proto: onnx.ModelProto, path: str | os.PathLike, specs: Sequence[TensorSpec]) -> dict[str, Any]:
+    """Declare exact I/O, prune opset imports, refuse training tensors, save to ``path`` and run
+    ``onnx.checker`` (full); returns the graph's description (``GraphInfo`` fields)."""
     _prune_opset_imports(proto)
-    _declare_io(proto, module.inputs + module.outputs)
+    _declare_io(proto, specs)
     assert_no_training_ops(proto)
     onnx.save(proto, str(path))
     try:
@@ -92,16 +109,12 @@ def export_onnx(module: ExportWrapper, path: str | os.PathLike, opset: int | Non
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"the exported graph fails onnx.checker: {exc}") from exc
     return {
-        "exporter": chosen,
         "opset": next(o.version for o in proto.opset_import if o.domain == ""),
         "ir_version": proto.ir_version,
         "optimization": "onnxruntime basic (offline)",
-        "fp16": fp16,
         "nodes": len(proto.graph.node),
         "op_types": dict(sorted(Counter(n.op_type for n in proto.graph.node).items())),
         "initializer_elements": sum(int(np.prod(t.dims)) for t in proto.graph.initializer),
-        "export_seconds": round(export_s, 2),
-        "seconds": round(time.perf_counter() - t0, 2),
     }
 
 

@@ -25,6 +25,8 @@ from faar_serve.manifest import FFT_ALIASES, FFTBackend
 DeviceKind = Literal["gpu", "cpu"]
 Exporter = Literal["torchscript", "dynamo"]
 ExporterChoice = Literal["auto", "torchscript", "dynamo"]
+Precision = Literal["fp32", "fp16", "int8"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 FFT_BACKENDS: tuple[str, ...] = get_args(FFTBackend)
 # LayerNormalization needs opset 17; the dynamo exporter's op library starts at 18.
 MIN_OPSET: dict[Exporter, int] = {"torchscript": 17, "dynamo": 18}
@@ -42,16 +44,27 @@ class ExportOptions:
     height: int | None = None  # None: the run's img_size
     width: int | None = None
     fft: FFTBackend = "matmul"  # "dft" is read as "torch"
-    fp16: bool = False
+    precision: Precision = "fp32"
+    fp16: bool = False  # the earlier spelling of precision="fp16"; kept equal to it
     max_batch_size: int = 8
     device_kind: DeviceKind = "cpu"
     opset: int | None = None  # None: DEFAULT_OPSET
     probabilities: bool = False  # also <task>_probs for label tasks
     overwrite: bool = False
     exporter: ExporterChoice = "auto"  # auto: torchscript for matmul, dynamo for torch
+    # fp16 / int8 only (faar.export.gate, faar.export.quantize):
+    calibration: str = "run"  # int8: "run" (the run's training split) or a folder of images
+    calibration_images: int = 64
+    gate_images: int = 64  # held-out images of the run's validation split
+    gate: tuple[str, ...] = ()  # "TASK=VALUE" or "TASK=VALUE%": limits replacing the defaults
+    data_root: str | None = None  # replaces the run's data.root (data moved since training)
 
     def __post_init__(self) -> None:
         self.fft = FFT_ALIASES.get(self.fft, self.fft)
+        if self.fp16 and self.precision == "fp32":
+            self.precision = "fp16"
+        self.fp16 = self.precision == "fp16"
+        self.gate = tuple(self.gate)
 
     def validate(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
@@ -67,6 +80,11 @@ class ExportOptions:
         if self.fft not in FFT_BACKENDS:
             raise ExportError(f"fft must be one of {list(FFT_BACKENDS)} (or dft, the old name of torch), "
                               f"got {self.fft!r}")
+        if self.precision not in PRECISIONS:
+            raise ExportError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.calibration_images < 1 or self.gate_images < 1:
+            raise ExportError(f"calibration and gate images must be >= 1, got {self.calibration_images} and "
+                              f"{self.gate_images}")
         if self.max_batch_size < 1:
             raise ExportError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.device_kind not in ("gpu", "cpu"):
