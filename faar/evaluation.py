@@ -88,7 +88,7 @@ def maps_as_raw(spec: TaskSpec, arr: np.ndarray) -> torch.Tensor:
     """A post-processed map (``[h, w]``, normals ``[3, h, w]``) -> the raw ``[1, C, h, w]`` output
     whose post-processing by ``spec`` gives the map back (``TaskKind.raw_from_map``)."""
     try:
-        return spec.rules.raw_from_map(spec, torch.from_numpy(np.ascontiguousarray(arr))[None])
+        return spec.rules.raw_from_map(spec, torch.from_numpy(np.require(arr, requirements=["C", "W"]))[None])
     except ValueError as exc:
         raise EvalError(str(exc)) from exc
 
