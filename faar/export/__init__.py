@@ -49,7 +49,7 @@ from .options import (
     resolve_exporter,
 )
 from .parity import TOLERANCES, Tolerance, check_parity, parity_batches
-from .precision import reduce_precision
+from .precision import preflight, reduce_precision
 from .triton import check_destination, config_pbtxt, install, write_config_pbtxt
 from .wrapper import INPUT_NAME, ExportWrapper, TensorSpec, build_export_module, input_spec, output_specs
 
@@ -93,6 +93,7 @@ def export_run(run_dir: str | os.PathLike, repo_dir: str | os.PathLike,
             model.set_input_size((options.height, options.width))
         except BackboneError as exc:
             raise ExportError(str(exc)) from exc
+    preflight(run_dir, model, options)
     reference = build_export_module(model, options.probabilities)
     found_warnings = check_destination(model_dir, options.version, reference.inputs + reference.outputs,
                                        options.overwrite)

@@ -91,10 +91,13 @@ def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     spectral blocks (``/spectral`` in the name) stay fp32: spectra are kept in fp32 (spectral.py),
     and the zero-frequency bin of a feature map grows with its size towards fp16's 65504."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     spectral = [n.name for n in proto.graph.node if "/spectral" in n.name]
-    return convert_float_to_float16(proto, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, "DFT"],
-                                    node_block_list=spectral)
+    half = OnnxModel(convert_float_to_float16(proto, keep_io_types=True, node_block_list=spectral,
+                                              op_block_list=[*DEFAULT_OP_BLOCK_LIST, "DFT"]))
+    half.topological_sort()  # the converter appends the Casts it adds around blocked nodes at the end
+    return half.model
 
 
 def finish_graph(proto: onnx.ModelProto, path: str | os.PathLike, specs: Sequence[TensorSpec]) -> dict[str, Any]:

@@ -45,6 +45,19 @@ def limits_from(options: ExportOptions) -> dict[str, Limit]:
     return limits
 
 
+def preflight(run_dir: Path, model: FAARModel, options: ExportOptions) -> None:
+    """What can be checked before minutes of export: the limits, the run's data, the folder."""
+    if options.precision == "fp32":
+        return
+    unknown = sorted(set(limits_from(options)) - set(model.tasks))
+    if unknown:
+        raise ExportError(f"--gate names task(s) {unknown} that the model does not have ({list(model.tasks)})")
+    if options.precision == "int8":
+        run_config(run_dir, options.data_root)
+        if options.calibration != "run" and not Path(options.calibration).is_dir():
+            raise ExportError(f"--calibration {options.calibration}: not 'run' and not a folder")
+
+
 def graph_metrics(path: Path, model: FAARModel, held: list[Sample]) -> dict[str, dict[str, float]]:
     return evaluate({"graph": onnx_predictor(path, model.tasks, INPUT_NAME)}, model.tasks, held)[0]["graph"]
 
