@@ -59,8 +59,10 @@ def parity_batches(size: tuple[int, int], seed: int = 0) -> list[tuple[str, np.n
 
 @torch.inference_mode()
 def check_parity(onnx_path: str | os.PathLike, reference: ExportWrapper,
-                 batches: Sequence[tuple[str, np.ndarray]], tolerance: Tolerance) -> dict[str, Any]:
-    """Run the ONNX file in ONNX Runtime (CPU) and ``reference`` in PyTorch on the same batches.
+                 batches: Sequence[tuple[str, np.ndarray]], tolerance: Tolerance,
+                 providers: Sequence[Any] = ("CPUExecutionProvider",)) -> dict[str, Any]:
+    """Run the ONNX file in ONNX Runtime (``providers``; the export uses the CPU) and ``reference``
+    in PyTorch on the same batches.
 
     Per output, over all pixels of all batches: max and mean abs error (continuous maps)
     or the share of pixels with the same class (label maps). ``passed`` is False when any
@@ -71,7 +73,7 @@ def check_parity(onnx_path: str | os.PathLike, reference: ExportWrapper,
     # no busy-waiting ONNX Runtime threads stealing cores from PyTorch's in this process
     session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        session = ort.InferenceSession(str(onnx_path), session_options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(onnx_path), session_options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise ExportError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from exc
     names = [o.name for o in reference.outputs]
