@@ -1,13 +1,20 @@
 # The FAAR gateway: faar_serve only (no torch, no training code), as a non-root user.
 #
-#   docker build -t faar-gateway .
+#   docker build -t faar-gateway .                                  # GPU runtime (default)
+#   docker build --build-arg RUNTIME=cpu -t faar-gateway:cpu .      # CPU runtime, a far smaller image
 #   docker run --rm --gpus all -p 8080:8080 -v "$PWD/model_repository:/models:ro" faar-gateway
 #
-# ONNX Runtime's GPU build with CUDA and cuDNN from NVIDIA's wheels: the embedded engine
-# runs on the GPU when the container sees one (--gpus), on the CPU otherwise. With
-# FAAR_ENGINE=triton (compose.yaml) the gateway only forwards to Triton. Every setting is a
-# FAAR_* variable (faar-serve --help).
+# Dependencies come from pyproject.toml's metadata, nothing is listed here: the core, the
+# [serve] extra and the [$RUNTIME] extra. RUNTIME=gpu is onnxruntime-gpu 1.26.0 (the last
+# CUDA 12 build) with CUDA 12 and cuDNN 9 from NVIDIA's pip wheels, so the host needs only
+# an NVIDIA driver R525 or newer (CUDA 12 minor-version compatibility) and the NVIDIA
+# Container Toolkit (`--gpus all`). Without a visible GPU the embedded engine runs on the CPU
+# (device=auto) and says so in its log. RUNTIME=cpu is plain onnxruntime: enough for
+# FAAR_ENGINE=triton (compose.yaml, deploy/k8s), where the gateway only forwards to Triton.
+# Every setting is a FAAR_* variable (faar-serve --help).
 FROM python:3.11-slim
+
+ARG RUNTIME=gpu
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -17,13 +24,19 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     FAAR_HOST=0.0.0.0 \
     FAAR_PORT=8080
 
-# The gateway's own dependencies (the [serve] extra without the local Triton server wheel).
-RUN pip install "numpy<2" pillow fastapi "uvicorn[standard]" python-multipart pydantic-settings \
-        prometheus-client "tritonclient[grpc,http]" "onnxruntime-gpu[cuda,cudnn]" \
-    && useradd --create-home --uid 10001 faar
+RUN useradd --create-home --uid 10001 faar
 
-WORKDIR /app
-COPY faar_serve/ /app/faar_serve/
+WORKDIR /src
+# 1. The dependencies alone, from the metadata: with no package folder copied yet '.' is a
+#    project without modules whose requirements are those of the gateway. This layer (the
+#    GPU runtime is gigabytes) is rebuilt only when pyproject.toml changes, not with the code.
+COPY pyproject.toml README.md /src/
+RUN pip install "/src[serve,${RUNTIME}]"
+# 2. The gateway package itself (faar_serve only: the training package is not in the context).
+COPY faar_serve/ /src/faar_serve/
+RUN pip install --no-deps /src && rm -rf /src
+
+WORKDIR /home/faar
 USER faar
 EXPOSE 8080
 

@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine: `make demo` (the main job end to end) and
-# `make test` (the suite). Both create .venv with the pinned torch first.
+# `make test` (the suite). Both create .venv with every extra, torch pinned by constraints.txt.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,11 +7,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint clean chromium
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	# torch/torchvision pinned: these wheels are on the build machines' disk.
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[serve,dev]'
+	# constraints.txt pins torch/torchvision (their wheels are on the build machines' disk).
+	$(BIN)/pip install -q -c constraints.txt -e '.[train,serve,cpu,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -17,8 +17,8 @@ cost nothing once merged" where the machine's timing noise cannot.
 Every number is a median over ``--repeats`` timed runs after warm-up; every comparison is a
 ratio to ``floor`` taken in the same process, because the machine is shared and noisy.
 
-    python bench/adapter_cost.py --config faar_pascal_swin_t --batch 1 --out bench/results/adapter_cost_swin_t.json
-    python bench/adapter_cost.py --quick   # tiny sizes, for the smoke test
+    python -m bench.adapter_cost --config faar_pascal_swin_t --batch 1 --out bench/results/adapter_cost_swin_t.json
+    python -m bench.adapter_cost --quick   # tiny sizes, for the smoke test
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import count_flops, eager_call, interleaved_medians, markdown_table, random_model, write_result
 
+from bench.common import count_flops, eager_call, interleaved_medians, markdown_table, random_model, write_result
 from faar.adapters import adapters_of
 from faar.config import load_config
 from faar.model import merge_model

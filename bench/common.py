@@ -1,6 +1,6 @@
 """What every benchmark script shares: round-robin median timing, the machine, the JSON file.
 
-Scripts run as ``python bench/<name>.py`` (this folder is then on ``sys.path``).
+Scripts run from the repository root as ``python -m bench.<name>``.
 """
 
 from __future__ import annotations

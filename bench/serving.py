@@ -1,6 +1,6 @@
 """The gateway over real HTTP against the bare engine, at several client concurrencies.
 
-Setups, each a real ``faar-serve`` process on a free port fed by ``clients/loadgen.py``'s
+Setups, each a real ``faar-serve`` process on a free port fed by ``clients.loadgen``'s
 load loop with the same PNG:
   onnx              embedded ONNX Runtime with its defaults (on the CPU: one image per call,
                     no spin-waiting threads)
@@ -18,8 +18,8 @@ shares the same cores. With ``--rounds N`` the setups take turns N times and eve
 is the median over the rounds (peak RSS: the maximum), so slow drift of a shared machine
 hits every setup alike.
 
-    python bench/serving.py --config demo --concurrency 1 8 32 --out bench/results/serving_demo.json
-    python bench/serving.py --quick
+    python -m bench.serving --config demo --concurrency 1 8 32 --out bench/results/serving_demo.json
+    python -m bench.serving --quick
 """
 
 from __future__ import annotations
@@ -37,20 +37,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from common import interleaved_medians, markdown_table, ort_call, random_model, write_result
 from PIL import Image
 
+from bench.common import interleaved_medians, markdown_table, ort_call, random_model, write_result
+from clients import loadgen
 from faar.data.scenes import render_scene
-from faar.demo import wait_ready
 from faar.export import ExportOptions, export_run
 from faar.run import save_model
 from faar_serve.engines.onnx import create_session
 from faar_serve.manifest import load_model_spec
-from faar_serve.triton_local import LocalTriton, free_port
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "clients"))
-import loadgen  # noqa: E402  (clients/ is a folder of scripts, not a package)
+from faar_serve.net import free_port, wait_ready
+from faar_serve.triton_local import LocalTriton
 
 MODEL = "faar"
 SETUPS = ("onnx", "onnx_batching", "onnx_spin_wait", "triton")

@@ -8,8 +8,8 @@ cross-task weights random, so nothing is an identity), timed as:
   matmul_ort        ``fft=matmul`` exported (plain MatMul), in ONNX Runtime (the export default)
 Every form's output is compared with ``torch_fft_eager`` (max abs error in the table).
 
-    python bench/spectral.py --config faar_pascal_swin_t --batches 1 8 --out bench/results/spectral_swin_t.json
-    python bench/spectral.py --quick
+    python -m bench.spectral --config faar_pascal_swin_t --batches 1 8 --out bench/results/spectral_swin_t.json
+    python -m bench.spectral --quick
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from common import eager_call, interleaved_medians, markdown_table, ort_call, write_result
 from torch import nn
 
+from bench.common import eager_call, interleaved_medians, markdown_table, ort_call, write_result
 from faar.config import load_config
 from faar.export import torch_to_onnx
 from faar.model import build_model

@@ -1,6 +1,6 @@
 """Load the gateway on this machine: N concurrent clients, M requests in all, then a report.
 
-    python clients/loadgen.py --url http://127.0.0.1:8080 --concurrency 16 --requests 200 [--image photo.jpg]
+    python -m clients.loadgen --url http://127.0.0.1:8080 --concurrency 16 --requests 200 [--image photo.jpg]
 
 Reports throughput, latency percentiles (p50/p95/p99 over every answer, errors included),
 the error count by status, and the median of each server stage from the answers'

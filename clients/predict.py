@@ -1,6 +1,6 @@
 """Send images to the FAAR gateway; save every map as PNG next to a side-by-side preview.
 
-    python clients/predict.py photo.jpg street.png --url http://127.0.0.1:8080 --out predictions/
+    python -m clients.predict photo.jpg street.png --url http://127.0.0.1:8080 --out predictions/
 
 writes, per image, ``OUT/<stem>.<task>.png`` (the gateway's PNG as it came: palette label
 maps, 8-bit probabilities, 16-bit depth in millimetres, RGB normals) and

@@ -1,6 +1,6 @@
 """Call Triton directly (no gateway) with ``tritonclient``: the raw model outputs of some images.
 
-    python clients/triton_infer.py photo.jpg --url 127.0.0.1:8001 --protocol grpc --out maps.npz
+    python -m clients.triton_infer photo.jpg --url 127.0.0.1:8001 --protocol grpc --out maps.npz
 
 Reads the model's input size from Triton's model metadata, stretches each image to it (as
 the gateway does), sends them as one batch and prints every output's shape, dtype and

@@ -40,8 +40,7 @@ def screenshot(repo: Path, out: Path, model: str = "faar") -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from faar.demo import wait_ready
-    from faar_serve.triton_local import free_port
+    from faar_serve.net import free_port, wait_ready
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -76,7 +76,9 @@ def export_main(argv: list[str] | None = None) -> int:
     )
     add = parser.add_argument
     add("--run", required=True, metavar="RUN_DIR", help="run directory (model.json + model.safetensors)")
-    add("--out", required=True, metavar="REPO_DIR", help="Triton model repository to write into")
+    add("--out", required=True, metavar="REPO_DIR",
+        help="Triton model repository to write into: a folder, or s3://bucket/prefix (staged locally, "
+             "checked against the bucket's contents, then uploaded with boto3; needs faar[s3])")
     add("--name", default="faar", help="model name, the folder under REPO_DIR (default: faar)")
     add("--version", type=int, default=1, help="model version folder, >= 1 (default: 1)")
     add("--height", type=int, help="input height, a multiple of 32 (default: the run's size)")
@@ -110,6 +112,9 @@ def export_main(argv: list[str] | None = None) -> int:
         help="Triton instance_group kind (default: cpu)")
     add("--opset", type=int, help="ONNX opset (default: 18)")
     add("--overwrite", action="store_true", help="replace an existing NAME/VERSION folder")
+    add("--s3-endpoint-url", metavar="URL",
+        help="S3-compatible endpoint for --out s3://... (default: AWS_ENDPOINT_URL, else AWS); "
+             "credentials as boto3 finds them (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profiles, roles)")
     args = parser.parse_args(argv)
 
     from .export import ExportError, ExportOptions, export_run
@@ -118,13 +123,26 @@ def export_main(argv: list[str] | None = None) -> int:
     if args.fp16 and args.precision not in (None, "fp16"):
         return _fail(f"--fp16 contradicts --precision {args.precision}")
     precision = "fp16" if args.fp16 else args.precision or "fp32"
+    options = ExportOptions(name=args.name, version=args.version, height=args.height, width=args.width,
+                            fft=args.fft, precision=precision, max_batch_size=args.max_batch_size,
+                            device_kind=args.device_kind, opset=args.opset, probabilities=args.probabilities,
+                            overwrite=args.overwrite, exporter=args.exporter, calibration=args.calibration,
+                            calibration_images=args.calibration_images, gate_images=args.gate_images,
+                            gate=tuple(args.gate), data_root=args.data_root)
+    from .export.storage import export_to_s3, is_object_store
+
+    if is_object_store(args.out):
+        try:
+            uploaded = export_to_s3(args.run, args.out, options, args.s3_endpoint_url)
+        except (ExportError, RunError) as exc:
+            return _fail(str(exc))
+        for warning in uploaded.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(json.dumps({"model": uploaded.model_url, "version": uploaded.version, "objects": uploaded.keys,
+                          "triton_model_repository": uploaded.triton_repository,
+                          "sha256": uploaded.manifest["onnx"]["sha256"]}))
+        return 0
     try:
-        options = ExportOptions(name=args.name, version=args.version, height=args.height, width=args.width,
-                                fft=args.fft, precision=precision, max_batch_size=args.max_batch_size,
-                                device_kind=args.device_kind, opset=args.opset, probabilities=args.probabilities,
-                                overwrite=args.overwrite, exporter=args.exporter, calibration=args.calibration,
-                                calibration_images=args.calibration_images, gate_images=args.gate_images,
-                                gate=tuple(args.gate), data_root=args.data_root)
         result = export_run(args.run, args.out, options)
     except (ExportError, RunError) as exc:
         return _fail(str(exc))

@@ -4,7 +4,7 @@
 2. export it: merged ONNX + a Triton model repository in ``model_repository/``;
 3. start the real gateway (``faar-serve``, embedded ONNX Runtime engine) on a free port;
 4. upload a freshly generated scene and an ordinary photo (matplotlib's bundled
-   ``grace_hopper.jpg``) with ``clients/predict.py``, which saves every map as PNG
+   ``grace_hopper.jpg``) with ``python -m clients.predict``, which saves every map as PNG
    plus a side-by-side preview;
 5. print what was learned (metrics against the trivial predictor, ranks) and where
    everything is.
@@ -17,14 +17,12 @@ import json
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from faar_serve.triton_local import free_port
+from faar_serve.net import free_port, wait_ready
 
 from .config import load_config
 from .data.scenes import render_scene
@@ -34,21 +32,6 @@ from .train import train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCENE_SEED = 2026  # not one of the training or validation scenes (those use derived seeds)
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the gateway exited with code {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"the gateway at {url} was not ready within {timeout:.0f} s")
 
 
 def write_inputs(folder: Path) -> list[Path]:
@@ -92,8 +75,8 @@ def run_demo(out: Path, config: str = "demo", overrides: list[str] | None = None
         images = write_inputs(out / "inputs")
         maps = out / "maps"
         print(f"[4/4] uploading {', '.join(p.name for p in images)}; maps go to {maps}", flush=True)
-        subprocess.run([sys.executable, str(REPO_ROOT / "clients" / "predict.py"), *map(str, images),
-                        "--url", url, "--out", str(maps)], check=True)
+        subprocess.run([sys.executable, "-m", "clients.predict", *(str(p.resolve()) for p in images),
+                        "--url", url, "--out", str(maps.resolve())], cwd=REPO_ROOT, check=True)
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     engine: Literal["onnx", "triton"] = Field("onnx", description="embedded ONNX Runtime, or a Triton server")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="onnx engine: auto = CUDA when onnxruntime-gpu sees a GPU, else CPU")
-    triton_url: str = Field("127.0.0.1:8001", description="host:port of Triton's gRPC or HTTP endpoint")
+    triton_url: str = Field(
+        "127.0.0.1:8001", description="host:port of Triton's gRPC or HTTP endpoint; with gRPC also several "
+        "replicas, balanced round-robin: dns:///name:port (every address of the name) or ipv4:h1:p1,h2:p2")
     triton_protocol: Literal["grpc", "http"] = Field("grpc", description="how to talk to Triton")
     triton_timeout_s: float = Field(10.0, gt=0, description="deadline of every call to Triton")
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in a container)")

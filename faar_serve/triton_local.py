@@ -7,6 +7,11 @@ and a Python-based backend named ``onnxruntime`` (``triton_backend/model.py``), 
 exported repository (``backend: "onnxruntime"``) loads unchanged. NVIDIA's container
 uses its native backend for the same folder.
 
+The repository is a folder, or a cloud URL that Triton's own loaders read
+(``s3://[host:port/]bucket/prefix`` with the usual ``AWS_*`` variables, ``gs://``, ``as://``).
+``extra_args`` passes any other server option (``--model-control-mode=explicit``,
+``--grpc-max-connection-age``...); ``metrics_port`` turns Triton's Prometheus metrics on.
+
 The model code runs in this interpreter's environment (numpy<2 is required there: with
 numpy 2 inputs arrive as zeros without any error). A stub that cannot load its libpython
 leaves the server "loading" forever, so readiness is always awaited with a deadline.
@@ -19,22 +24,23 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
-import urllib.error
-import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
 import numpy as np
 
+from .net import free_port, http_ok
+
 BACKEND_MODEL = Path(__file__).with_name("triton_backend") / "model.py"
 PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 STUB = "triton_python_backend_stub"
+REMOTE_REPOSITORIES = ("s3://", "gs://", "as://")  # Triton's cloud storage loaders
 
 
 class TritonStartError(RuntimeError):
@@ -75,10 +81,11 @@ def build_backend_dir(dest: str | os.PathLike) -> Path:
     return dest
 
 
-def server_env() -> dict[str, str]:
+def server_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The stub needs this interpreter's libpython and the wheel's bundled libraries, and finds
-    its Python through ``python3`` on PATH (it ignores PYTHONPATH)."""
-    env = dict(os.environ)
+    its Python through ``python3`` on PATH (it ignores PYTHONPATH). ``extra`` adds variables
+    (object-store credentials, for example)."""
+    env = {**os.environ, **(extra or {})}
     libs = [sysconfig.get_config_var("LIBDIR"), str(_site_dir("pytriton").parent / "nvidia_pytriton.libs")]
     env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, *filter(None, [env.get("LD_LIBRARY_PATH")])])
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -93,12 +100,6 @@ def _group_alive(group: int) -> bool:
     return True
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LocalTriton:
     """One ``tritonserver`` process serving ``model_repository``; a context manager.
 
@@ -108,10 +109,17 @@ class LocalTriton:
 
     def __init__(self, model_repository: str | os.PathLike, http_port: int | None = None,
                  grpc_port: int | None = None, workdir: str | os.PathLike | None = None,
-                 host: str = "127.0.0.1", log_verbose: int = 0) -> None:
-        self.model_repository = Path(model_repository).resolve()
-        if not self.model_repository.is_dir():
-            raise TritonStartError(f"model repository {self.model_repository} is not a directory")
+                 host: str = "127.0.0.1", log_verbose: int = 0, *, metrics_port: int | None = None,
+                 extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> None:
+        if str(model_repository).startswith(REMOTE_REPOSITORIES):
+            self.model_repository: str | Path = str(model_repository)
+        else:
+            self.model_repository = Path(model_repository).resolve()
+            if not self.model_repository.is_dir():
+                raise TritonStartError(f"model repository {self.model_repository} is not a directory")
+        self.metrics_port = metrics_port
+        self.extra_args = list(extra_args)
+        self.env = dict(env or {})
         self.host = host
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
@@ -130,6 +138,10 @@ class LocalTriton:
         return f"{self._client_host}:{self.grpc_port}"
 
     @property
+    def metrics_url(self) -> str | None:
+        return f"http://{self._client_host}:{self.metrics_port}/metrics" if self.metrics_port else None
+
+    @property
     def _client_host(self) -> str:
         return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
 
@@ -142,14 +154,20 @@ class LocalTriton:
             f"--http-port={self.http_port}",
             f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
-            "--allow-metrics=false",
+            *self._metrics_args(),
             "--allow-gpu-metrics=false",
             "--pinned-memory-pool-byte-size=0",
             "--disable-auto-complete-config",
             "--exit-on-error=true",
             "--exit-timeout-secs=5",
             f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
         ]
+
+    def _metrics_args(self) -> list[str]:
+        if not self.metrics_port:
+            return ["--allow-metrics=false"]
+        return ["--allow-metrics=true", f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}"]
 
     def start(self, timeout_s: float = 60.0) -> LocalTriton:
         if self.running():
@@ -159,7 +177,7 @@ class LocalTriton:
         with open(self.log_path, "ab") as log:
             # Own session: a hard kill reaches the Python stubs it spawned, too.
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                            env=server_env(), start_new_session=True)
+                                            env=server_env(self.env), start_new_session=True)
         try:
             self.wait_ready(timeout_s)
         except BaseException:
@@ -172,12 +190,7 @@ class LocalTriton:
 
     def ready(self) -> bool:
         """Server up and every model loaded (Triton's strict readiness)."""
-        url = f"http://{self.http_url}/v2/health/ready"
-        try:
-            with urllib.request.urlopen(url, timeout=1.0) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return http_ok(f"http://{self.http_url}/v2/health/ready")
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

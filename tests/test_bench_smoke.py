@@ -1,4 +1,5 @@
-"""Every benchmark script runs on tiny sizes and writes its JSON (no timing assertions)."""
+"""Every benchmark runs on tiny sizes as documented (``python -m bench.<name>`` from the repository
+root) and writes its JSON (no timing assertions)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_quick(script: str, tmp_path: Path) -> tuple[dict[str, Any], str]:
     out = tmp_path / f"{script}.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", f"bench.{script}", "--quick", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -42,8 +43,8 @@ def test_spectral_quick(tmp_path: Path) -> None:
     assert "x torch.fft" in stdout
 
 
-def test_engine_quick(tmp_path: Path) -> None:
-    result, stdout = run_quick("engine", tmp_path)
+def test_runtimes_quick(tmp_path: Path) -> None:
+    result, stdout = run_quick("runtimes", tmp_path)
     assert {r["form"] for r in result["rows"]} >= {"torch_eager", "ort_all", "ort_basic", "ort_fp16"}
     assert result["setup"]["gflop_per_image"] > 0
     assert result["peak"]["gflops"] > 0

@@ -1,7 +1,7 @@
 """The gateway with its embedded ONNX Runtime engine, on a model exported by the real exporter.
 
 TestClient where only the app matters; a real uvicorn socket for concurrency, overload and
-streamed bodies. Every map is compared with offline inference (``test_serve_support``).
+streamed bodies. Every map is compared with offline inference (the ``offline_maps`` fixture).
 """
 
 from __future__ import annotations
@@ -22,18 +22,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from test_serve_support import (
-    LiveServer,
-    assert_maps_equal,
-    encode,
-    exported_repository,
-    image,
-    load_npz,
-    manifest,
-    offline_maps,
-    post_image,
-    settings,
-)
+from support import OfflineMaps, ServeApp, assert_maps_equal, encode, image, load_npz, manifest, post_image, settings
 
 from faar_serve.app import create_app
 from faar_serve.cli import load_settings
@@ -41,11 +30,6 @@ from faar_serve.engines import EngineResult
 from faar_serve.manifest import ManifestError
 
 ALL_TASKS = ["semseg", "human_parts", "saliency", "normals", "depth", "edge"]
-
-
-@pytest.fixture(scope="module")
-def repo() -> Path:
-    return exported_repository()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +44,8 @@ def png_array(b64: str) -> tuple[Image.Image, np.ndarray]:
 
 
 # --- one image: every map, right size, equal to offline inference ---------------------------------
-def test_json_answer_has_every_map_at_the_image_size_equal_to_offline(client: TestClient, repo: Path) -> None:
+def test_json_answer_has_every_map_at_the_image_size_equal_to_offline(client: TestClient, repo: Path,
+                                                                     offline_maps: OfflineMaps) -> None:
     rgb = image(1, height=90, width=120)  # not the model's 64x64: resized in and out
     r = client.post("/v1/predict", files=post_image(encode(rgb)))
     assert r.status_code == 200, r.text
@@ -69,7 +54,7 @@ def test_json_answer_has_every_map_at_the_image_size_equal_to_offline(client: Te
     assert list(body["tasks"]) == ALL_TASKS
     assert set(body["timings_ms"]) == {"decode", "queue", "inference", "encode"}
     assert "inference;dur=" in r.headers["server-timing"]
-    want = offline_maps(repo, rgb)
+    want = offline_maps(rgb)
     tasks = body["tasks"]
 
     for name in ("semseg", "human_parts"):
@@ -94,12 +79,12 @@ def test_json_answer_has_every_map_at_the_image_size_equal_to_offline(client: Te
     np.testing.assert_allclose(arr.transpose(2, 0, 1) / 127.5 - 1, want["normals"], atol=1 / 255 + 1e-6)
 
 
-def test_npz_answer_holds_the_exact_arrays(client: TestClient, repo: Path) -> None:
+def test_npz_answer_holds_the_exact_arrays(client: TestClient, offline_maps: OfflineMaps) -> None:
     for rgb in (image(2), image(3, height=50, width=77)):
         r = client.post("/v1/predict", params={"format": "npz"}, files=post_image(encode(rgb)))
         assert r.status_code == 200, r.text
         got = load_npz(r.content)
-        assert_maps_equal(got, offline_maps(repo, rgb))
+        assert_maps_equal(got, offline_maps(rgb))
         assert got["normals"].shape == (3, *rgb.shape[:2]) and got["depth"].dtype == np.float32
 
 
@@ -112,14 +97,14 @@ def test_task_subset_and_unknown_task(client: TestClient) -> None:
     assert "depht" in r.json()["detail"] and "saliency" in r.json()["detail"]
 
 
-def test_batch_endpoint_answers_in_order(client: TestClient, repo: Path) -> None:
+def test_batch_endpoint_answers_in_order(client: TestClient, offline_maps: OfflineMaps) -> None:
     images = [image(10 + i, height=40 + 8 * i, width=64) for i in range(3)]
     files = [("images", (f"{i}.png", encode(a), "image/png")) for i, a in enumerate(images)]
     r = client.post("/v1/predict/batch", params={"format": "npz"}, files=files)
     assert r.status_code == 200, r.text
     arrays = load_npz(r.content)
     for i, rgb in enumerate(images):
-        assert_maps_equal({t: arrays[f"{i}/{t}"] for t in ALL_TASKS}, offline_maps(repo, rgb))
+        assert_maps_equal({t: arrays[f"{i}/{t}"] for t in ALL_TASKS}, offline_maps(rgb))
     r = client.post("/v1/predict/batch", params={"tasks": "semseg"}, files=files)
     results = r.json()["results"]
     assert [(p["height"], list(p["tasks"])) for p in results] == [(h, ["semseg"]) for h in (40, 48, 56)]
@@ -150,14 +135,14 @@ def _variants() -> dict[str, tuple[bytes, np.ndarray]]:
 
 
 @pytest.mark.parametrize("kind", list(_variants()))
-def test_formats_and_modes_become_rgb(client: TestClient, repo: Path, kind: str) -> None:
+def test_formats_and_modes_become_rgb(client: TestClient, kind: str, offline_maps: OfflineMaps) -> None:
     data, seen = _variants()[kind]
     r = client.post("/v1/predict", params={"format": "npz"}, files=post_image(data, f"x.{kind}"))
     assert r.status_code == 200, r.text
-    assert_maps_equal(load_npz(r.content), offline_maps(repo, seen))
+    assert_maps_equal(load_npz(r.content), offline_maps(seen))
 
 
-def test_jpeg_exif_orientation_is_applied(client: TestClient, repo: Path) -> None:
+def test_jpeg_exif_orientation_is_applied(client: TestClient, offline_maps: OfflineMaps) -> None:
     rgb = image(21, height=40, width=64)
     exif = Image.Exif()
     exif[0x0112] = 6  # stored landscape, displayed rotated 90 degrees clockwise (portrait)
@@ -167,7 +152,7 @@ def test_jpeg_exif_orientation_is_applied(client: TestClient, repo: Path) -> Non
     assert r.status_code == 200, r.text
     got = load_npz(r.content)
     assert got["semseg"].shape == (64, 40)
-    assert_maps_equal(got, offline_maps(repo, shown))
+    assert_maps_equal(got, offline_maps(shown))
 
 
 # --- bad input: a 4xx JSON error that says what is wrong, and the next request works --------------
@@ -195,14 +180,14 @@ BAD_UPLOADS = {
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's note; the 413 is ours
 @pytest.mark.parametrize("case", list(BAD_UPLOADS))
-def test_bad_upload_gets_a_clear_4xx(client: TestClient, repo: Path, case: str) -> None:
+def test_bad_upload_gets_a_clear_4xx(client: TestClient, case: str, offline_maps: OfflineMaps) -> None:
     data, status, code = BAD_UPLOADS[case]
     r = client.post("/v1/predict", files=post_image(data))
     assert r.status_code == status, r.text
     assert r.json()["error"] == code and r.json()["detail"]
     ok = client.post("/v1/predict", params={"format": "npz"}, files=post_image(encode(image(32))))
     assert ok.status_code == 200
-    assert_maps_equal(load_npz(ok.content), offline_maps(repo, image(32)))
+    assert_maps_equal(load_npz(ok.content), offline_maps(image(32)))
 
 
 def test_missing_field_and_bad_parameters(client: TestClient) -> None:
@@ -218,26 +203,26 @@ def test_missing_field_and_bad_parameters(client: TestClient) -> None:
     assert r.status_code == 415 and "image 1 ('b.txt')" in r.json()["detail"]
 
 
-def test_body_limit_is_enforced_while_streaming(repo: Path) -> None:
+def test_body_limit_is_enforced_while_streaming(repo: Path, live_server: ServeApp) -> None:
     limit = 50_000
-    with LiveServer(create_app(settings(repo, max_upload_bytes=limit))) as server:
-        big = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
-        with httpx.Client(base_url=server.url, timeout=10) as http:
-            # Content-Length known: refused before the body is read.
-            r = http.post("/v1/predict", files=post_image(encode(big)))
-            assert r.status_code == 413 and r.json()["error"] == "body_too_large"
-            assert str(limit) in r.json()["detail"]
+    server = live_server(create_app(settings(repo, max_upload_bytes=limit)))
+    big = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        # Content-Length known: refused before the body is read.
+        r = http.post("/v1/predict", files=post_image(encode(big)))
+        assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+        assert str(limit) in r.json()["detail"]
 
-            # Chunked (no Content-Length): refused once the counted bytes pass the limit.
-            def chunks() -> object:
-                yield b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n\r\n"
-                for _ in range(40):
-                    yield b"x" * 4096
+        # Chunked (no Content-Length): refused once the counted bytes pass the limit.
+        def chunks() -> object:
+            yield b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n\r\n"
+            for _ in range(40):
+                yield b"x" * 4096
 
-            multipart = {"content-type": "multipart/form-data; boundary=b"}
-            r = http.post("/v1/predict", content=chunks(), headers=multipart)
-            assert r.status_code == 413 and r.json()["error"] == "body_too_large"
-            assert http.post("/v1/predict", files=post_image(encode(image(35)))).status_code == 200
+        multipart = {"content-type": "multipart/form-data; boundary=b"}
+        r = http.post("/v1/predict", content=chunks(), headers=multipart)
+        assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+        assert http.post("/v1/predict", files=post_image(encode(image(35)))).status_code == 200
 
 
 # --- concurrency: batching without mix-ups; overload --------------------------------------------
@@ -247,16 +232,17 @@ async def _post_many(url: str, uploads: list[bytes], params: dict[str, str]) -> 
                                       for d in uploads))
 
 
-def test_concurrent_requests_are_batched_and_each_gets_its_own_maps(repo: Path) -> None:
+def test_concurrent_requests_are_batched_and_each_gets_its_own_maps(repo: Path, offline_maps: OfflineMaps,
+                                                                    live_server: ServeApp) -> None:
     images = [image(100 + i, height=48 + i, width=64) for i in range(24)]
-    wants = [offline_maps(repo, a) for a in images]
+    wants = [offline_maps(a) for a in images]
     cropped = [w["depth"][:48, :64] for w in wants]
     # Precondition: the maps of distinct images differ, so a mix-up could not pass unnoticed.
     assert min(np.abs(a - b).max() for i, a in enumerate(cropped) for b in cropped[i + 1:]) > 1e-3
     app = create_app(settings(repo, max_batch_size=8, max_queue_delay_ms=50))  # CPU default: 1
-    with LiveServer(app) as server:
-        responses = asyncio.run(_post_many(server.url, [encode(a) for a in images], {"format": "npz"}))
-        metrics = httpx.get(server.url + "/metrics").text
+    server = live_server(app)
+    responses = asyncio.run(_post_many(server.url, [encode(a) for a in images], {"format": "npz"}))
+    metrics = httpx.get(server.url + "/metrics").text
     for r, want in zip(responses, wants, strict=True):
         assert r.status_code == 200, r.text
         assert_maps_equal(load_npz(r.content), want)
@@ -266,10 +252,10 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_maps(repo: Path) 
     assert 'faar_requests_total{method="POST",route="/v1/predict",status="200"} 24.0' in metrics
 
 
-def test_on_the_cpu_the_embedded_engine_runs_one_image_per_call_by_default(repo: Path) -> None:
+def test_on_the_cpu_the_embedded_engine_runs_one_image_per_call_by_default(repo: Path, live_server: ServeApp) -> None:
     app = create_app(settings(repo, max_queue_delay_ms=50))
-    with LiveServer(app) as server:
-        responses = asyncio.run(_post_many(server.url, [encode(image(300 + i)) for i in range(6)], {}))
+    server = live_server(app)
+    responses = asyncio.run(_post_many(server.url, [encode(image(300 + i)) for i in range(6)], {}))
     assert [r.status_code for r in responses] == [200] * 6
     samples = {s.name: s.value for s in app.state.gateway.metrics.batch_size.collect()[0].samples
                if s.name.endswith(("_count", "_sum"))}
@@ -285,7 +271,7 @@ def test_a_lone_request_does_not_wait_for_the_batch_window(repo: Path) -> None:
     assert r.json()["timings_ms"]["queue"] < 500
 
 
-def test_overload_answers_503_with_retry_after_and_recovers(repo: Path) -> None:
+def test_overload_answers_503_with_retry_after_and_recovers(repo: Path, live_server: ServeApp) -> None:
     # An engine slowed by 1 s keeps the two admitted images in the gateway while the rest arrive.
     app = create_app(settings(repo, max_queue=2, retry_after_s=2))
     engine = app.state.gateway.engine
@@ -296,15 +282,15 @@ def test_overload_answers_503_with_retry_after_and_recovers(repo: Path) -> None:
         return await infer(batch)
 
     engine.infer = slow_infer
-    with LiveServer(app) as server:
-        responses = asyncio.run(_post_many(server.url, [encode(image(200 + i)) for i in range(6)], {}))
-        statuses = sorted(r.status_code for r in responses)
-        assert statuses == [200, 200, 503, 503, 503, 503]
-        for r in responses:
-            if r.status_code == 503:
-                assert r.headers["retry-after"] == "2" and r.json()["error"] == "overloaded"
-        assert httpx.post(server.url + "/v1/predict", files=post_image(encode(image(210)))).status_code == 200
-        metrics = httpx.get(server.url + "/metrics").text
+    server = live_server(app)
+    responses = asyncio.run(_post_many(server.url, [encode(image(200 + i)) for i in range(6)], {}))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200, 200, 503, 503, 503, 503]
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "2" and r.json()["error"] == "overloaded"
+    assert httpx.post(server.url + "/v1/predict", files=post_image(encode(image(210)))).status_code == 200
+    metrics = httpx.get(server.url + "/metrics").text
     assert 'faar_rejected_total{reason="overloaded"} 4.0' in metrics
     assert "faar_queue_depth 0.0" in metrics
 

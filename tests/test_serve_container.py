@@ -3,46 +3,47 @@ what they install covers what the gateway imports, and their commands run here."
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
 import shlex
 import subprocess
 import sys
-import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from test_serve_support import exported_repository
+from packaging_support import (
+    ROOT,
+    closure,
+    image_env,
+    instructions,
+    not_installed_by,
+    project,
+    requirements,
+    third_party_imports,
+)
 
+from faar_serve.net import free_port, wait_ready
 from faar_serve.settings import Settings
-from faar_serve.triton_local import free_port
-
-ROOT = Path(__file__).parents[1]
-GPU_TO_CPU = {"onnxruntime-gpu": "onnxruntime"}  # what is installed here stands in for the GPU build
-
-
-def dockerfile() -> list[tuple[str, str]]:
-    """(instruction, arguments) with line continuations joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
-
-
-def instructions(name: str) -> list[str]:
-    return [args for ins, args in dockerfile() if ins == name]
 
 
 def exec_form(args: str) -> list[str]:
     """A JSON-array CMD, with ``python`` as this interpreter."""
     return [sys.executable if a == "python" else a for a in json.loads(args)]
+
+
+def build_args() -> dict[str, str]:
+    return dict(arg.split("=", 1) for arg in instructions("ARG"))
+
+
+def pip_installs(runtime: str) -> list[list[str]]:
+    """The words of every ``pip install`` in the Dockerfile, with ``${RUNTIME}`` substituted."""
+    runs = [r.replace("${RUNTIME}", runtime) for r in instructions("RUN") if "pip install" in r]
+    return [shlex.split(r.split("pip install", 1)[1].split("&&")[0]) for r in runs]
 
 
 def test_dockerfile_base_user_healthcheck() -> None:
@@ -60,6 +61,7 @@ def test_dockerfile_copies_files_that_exist_and_are_not_ignored() -> None:
               if line.strip() and not line.startswith("#")]
     allowed = [p[1:].rstrip("/") for p in ignore if p.startswith("!")]
     assert ignore[0] == "*"  # everything excluded, then the few things the image needs
+    assert "faar" not in allowed  # the training package stays out of the image
     copies = instructions("COPY")
     assert copies
     for args in copies:
@@ -69,69 +71,46 @@ def test_dockerfile_copies_files_that_exist_and_are_not_ignored() -> None:
             assert any(source.rstrip("/") == a or source.startswith(a + "/") for a in allowed), source
 
 
-def _closure(specs: list[str]) -> set[str]:
-    """Every distribution that installing ``specs`` brings (markers and extras evaluated)."""
-    names: set[str] = set()
-    seen: set[tuple[str, frozenset[str]]] = set()
-    todo = [Requirement(s) for s in specs]
-    while todo:
-        req = todo.pop()
-        name = canonicalize_name(req.name)
-        name = GPU_TO_CPU.get(name, name)
-        if (name, frozenset(req.extras)) in seen:
-            continue
-        seen.add((name, frozenset(req.extras)))
-        names.add(name)
-        try:
-            requires = metadata.requires(name) or []
-        except metadata.PackageNotFoundError:
-            continue
-        for dep in map(Requirement, requires):
-            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in req.extras or {""}):
-                todo.append(dep)
-    return names
-
-
-def test_dockerfile_installs_what_the_gateway_imports() -> None:
-    (install,) = [r for r in instructions("RUN") if "pip install" in r]
-    words = shlex.split(install.split("pip install", 1)[1].split("&&")[0])
-    installed = _closure([w for w in words if not w.startswith("-")])
-    assert "torch" not in installed and "faar" not in installed
-    dists = metadata.packages_distributions()
-    stdlib = set(sys.stdlib_module_names)
-    needed: set[str] = set()
-    for path in (ROOT / "faar_serve").rglob("*.py"):
-        if path.parent.name == "triton_backend":  # runs inside Triton, not in the gateway
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                needed |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                needed.add(node.module.split(".")[0])
-    missing = {m for m in needed - stdlib - {"faar_serve"}
-               if not {canonicalize_name(d) for d in dists.get(m, [m])} & installed}
+@pytest.mark.parametrize("runtime", ["gpu", "cpu"])
+def test_dockerfile_installs_the_gateway_from_the_package_metadata(runtime: str) -> None:
+    assert build_args()["RUNTIME"] == "gpu"  # the default image is the GPU one
+    installs = pip_installs(runtime)
+    extras: list[str] = []
+    for words in installs:
+        targets = [w for w in words if not w.startswith("-")]
+        # Only the project itself, never a package name: the dependency list lives in pyproject.toml.
+        assert targets and all(t.startswith("/") for t in targets), words
+        for target in targets:
+            if "[" in target:
+                extras += target[target.index("[") + 1:-1].split(",")
+    assert sorted(extras) == sorted(["serve", runtime])
+    installed = closure(requirements(extras))
+    assert not installed & {"torch", "torchvision", "timm", "onnx"}, installed
+    # triton_backend/model.py runs inside Triton, not in the gateway.
+    missing = not_installed_by(third_party_imports("faar_serve", skip=("triton_backend",)), installed)
     assert not missing, f"imported by faar_serve but not installed by the Dockerfile: {missing}"
 
 
-def test_the_image_command_and_healthcheck_run_outside_a_container() -> None:
+def test_the_gpu_runtime_is_pinned_and_excludes_the_cpu_one() -> None:
+    gpu = [Requirement(r) for r in requirements(["gpu"])]
+    (runtime,) = [r for r in gpu if canonicalize_name(r.name) == "onnxruntime-gpu"]
+    (pin,) = runtime.specifier
+    assert pin.operator == "==" and {"cuda", "cudnn"} <= runtime.extras  # CUDA libraries from NVIDIA's wheels
+    # onnxruntime and onnxruntime-gpu both install the module `onnxruntime`: never both.
+    assert "onnxruntime" not in {canonicalize_name(r.name) for r in gpu}
+
+
+def test_the_image_command_and_healthcheck_run_outside_a_container(repo: Path, tmp_path: Path) -> None:
     (cmd,) = instructions("CMD")
     (health,) = instructions("HEALTHCHECK")
-    env_lines = " ".join(instructions("ENV"))
-    env = dict(re.findall(r"(\w+)=(\S+)", env_lines))
+    env = image_env()
     port = free_port()
-    env.update(FAAR_MODEL_REPOSITORY=str(exported_repository()), FAAR_HOST="127.0.0.1", FAAR_PORT=str(port))
-    proc = subprocess.Popen(exec_form(cmd), cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE,
+    env.update(FAAR_MODEL_REPOSITORY=str(repo), FAAR_HOST="127.0.0.1", FAAR_PORT=str(port),
+               PYTHONPATH=str(ROOT))  # the image installs faar_serve; here the checkout stands in for it
+    proc = subprocess.Popen(exec_form(cmd), cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("the gateway did not become ready")
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout=60)
         check = exec_form(health.split("CMD", 1)[1].strip())
         assert subprocess.run(check, env={**os.environ, **env}, timeout=10).returncode == 0
     finally:
@@ -156,7 +135,11 @@ def test_compose_runs_nvidia_triton_and_the_gateway_in_triton_mode() -> None:
     assert settings.engine == "triton" and settings.model_repository == Path("/models")
     host, port = settings.triton_url.split(":")
     assert host in services and any(p.endswith(f":{port}") for p in triton["ports"])
-    assert (ROOT / gateway["build"] / "Dockerfile").is_file()
+    build = gateway["build"]
+    assert (ROOT / build["context"] / "Dockerfile").is_file()
+    # Forwarding to Triton needs no GPU runtime in the gateway: the small CPU image.
+    assert build["args"]["RUNTIME"] == "cpu" and "cpu" in project()["optional-dependencies"]
+    assert "gpu" in str(triton["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"])
 
 
 def test_compose_mounts_paths_that_exist() -> None:

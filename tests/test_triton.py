@@ -19,28 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from test_serve_support import (
-    LiveServer,
-    assert_maps_equal,
-    encode,
-    exported_repository,
-    image,
-    load_npz,
-    offline_maps,
-    post_image,
-    settings,
-)
+from support import OfflineMaps, ServeApp, assert_maps_equal, encode, image, load_npz, post_image, settings
 
+from clients import triton_infer
 from faar_serve.app import create_app
-from faar_serve.triton_local import LocalTriton, TritonStartError, free_port
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "clients"))
-import triton_infer  # noqa: E402  (a script folder, not a package)
-
-
-@pytest.fixture(scope="module")
-def repo() -> Path:
-    return exported_repository()
+from faar_serve.net import free_port
+from faar_serve.triton_local import LocalTriton, TritonStartError
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +39,7 @@ def url_of(server: LocalTriton, protocol: str) -> str:
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_triton_serves_the_exported_folder_unchanged(triton: LocalTriton, repo: Path, tmp_path: Path,
-                                                     protocol: str) -> None:
+                                                     protocol: str, offline_maps: OfflineMaps) -> None:
     assert 'backend: "onnxruntime"' in (repo / "faar" / "config.pbtxt").read_text()
     paths = []
     for i in range(3):
@@ -63,11 +47,12 @@ def test_triton_serves_the_exported_folder_unchanged(triton: LocalTriton, repo: 
         paths[-1].write_bytes(encode(image(300 + i)))  # 64x64: no resize on either side
     outputs = triton_infer.infer(url_of(triton, protocol), protocol, "faar", paths, timeout_s=10)
     for i in range(3):
-        assert_maps_equal({t: a[i] for t, a in outputs.items()}, offline_maps(repo, image(300 + i)))
+        assert_maps_equal({t: a[i] for t, a in outputs.items()}, offline_maps(image(300 + i)))
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_gateway_on_triton_equals_the_embedded_engine(triton: LocalTriton, repo: Path, protocol: str) -> None:
+def test_gateway_on_triton_equals_the_embedded_engine(triton: LocalTriton, repo: Path, protocol: str,
+                                                      offline_maps: OfflineMaps) -> None:
     images = [image(400 + i, height=40 + 3 * i, width=70) for i in range(10)]  # 10 > max batch 8: 2 calls
     files = [("images", (f"{i}.png", encode(a), "image/png")) for i, a in enumerate(images)]
     answers = {}
@@ -84,7 +69,7 @@ def test_gateway_on_triton_equals_the_embedded_engine(triton: LocalTriton, repo:
     assert_maps_equal(answers["triton"], answers["onnx"], atol=0)
     for i, rgb in enumerate(images):
         got = {key.split("/")[1]: a for key, a in answers["triton"].items() if key.startswith(f"{i}/")}
-        assert_maps_equal(got, offline_maps(repo, rgb))
+        assert_maps_equal(got, offline_maps(rgb))
 
 
 async def _statuses_while(url: str, action: object, before: int, after: int) -> tuple[list[int], list[float]]:
@@ -117,39 +102,40 @@ def _wait_for_200(url: str, timeout_s: float) -> float:
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_gateway_answers_503_while_triton_is_down_or_hung_and_recovers(repo: Path, protocol: str) -> None:
+def test_gateway_answers_503_while_triton_is_down_or_hung_and_recovers(repo: Path, protocol: str, live_server: ServeApp,
+                                                                       offline_maps: OfflineMaps) -> None:
     timeout_s = 1.0
     with LocalTriton(repo) as server:
         app = create_app(settings(repo, engine="triton", triton_url=url_of(server, protocol),
                                   triton_protocol=protocol, triton_timeout_s=timeout_s))
-        with LiveServer(app) as gateway:
-            first = httpx.post(gateway.url + "/v1/predict", files=post_image(encode(image(502))))
-            assert first.status_code == 200
+        gateway = live_server(app)
+        first = httpx.post(gateway.url + "/v1/predict", files=post_image(encode(image(502))))
+        assert first.status_code == 200
 
-            # Hung (SIGSTOP): every call ends at its deadline with 503.
-            assert server.process is not None
-            os.kill(server.process.pid, signal.SIGSTOP)
-            try:
-                statuses, times = asyncio.run(_statuses_while(gateway.url, lambda: None, 0, 2))
-                assert statuses == [503, 503] and max(times) < timeout_s + 1.5
-                assert httpx.get(gateway.url + "/readyz").status_code == 503
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
-            _wait_for_200(gateway.url, 10)
+        # Hung (SIGSTOP): every call ends at its deadline with 503.
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            statuses, times = asyncio.run(_statuses_while(gateway.url, lambda: None, 0, 2))
+            assert statuses == [503, 503] and max(times) < timeout_s + 1.5
+            assert httpx.get(gateway.url + "/readyz").status_code == 503
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        _wait_for_200(gateway.url, 10)
 
-            # Stopped mid-run: in-flight requests finish or get 503, later ones get 503 at once.
-            statuses, times = asyncio.run(_statuses_while(gateway.url, server.stop, 6, 3))
-            assert set(statuses) <= {200, 503} and statuses[-3:] == [503, 503, 503]
-            assert max(times) < 1.0, times
-            assert httpx.get(gateway.url + "/readyz").json()["ready"] is False
+        # Stopped mid-run: in-flight requests finish or get 503, later ones get 503 at once.
+        statuses, times = asyncio.run(_statuses_while(gateway.url, server.stop, 6, 3))
+        assert set(statuses) <= {200, 503} and statuses[-3:] == [503, 503, 503]
+        assert max(times) < 1.0, times
+        assert httpx.get(gateway.url + "/readyz").json()["ready"] is False
 
-            # Back on the same ports: the same gateway recovers by itself.
-            server.start()
-            _wait_for_200(gateway.url, 15)
-            assert httpx.get(gateway.url + "/readyz").json()["ready"] is True
-            r = httpx.post(gateway.url + "/v1/predict", params={"format": "npz"},
-                           files=post_image(encode(image(503, 30, 90))))
-            assert_maps_equal(load_npz(r.content), offline_maps(repo, image(503, 30, 90)))
+        # Back on the same ports: the same gateway recovers by itself.
+        server.start()
+        _wait_for_200(gateway.url, 15)
+        assert httpx.get(gateway.url + "/readyz").json()["ready"] is True
+        r = httpx.post(gateway.url + "/v1/predict", params={"format": "npz"},
+                       files=post_image(encode(image(503, 30, 90))))
+        assert_maps_equal(load_npz(r.content), offline_maps(image(503, 30, 90)))
 
 
 def test_faar_triton_command_starts_serves_and_stops(repo: Path) -> None:

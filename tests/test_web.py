@@ -3,7 +3,7 @@
 The browser tests drive Debian's ``chromium`` through its ``chromium-driver`` with Selenium;
 the driver's path is given explicitly, so Selenium Manager never reaches for the network.
 Where Chromium or its driver is missing they skip, naming the apt packages (``make test``
-installs them where apt-get works). The gateway is the real one (``LiveServer``) on the tiny
+installs them where apt-get works). The gateway is the real one (``live_gateway``) on the tiny
 exported model (64x64), and uploads have other sizes, so every map must come back resized.
 Artifact: the page after an upload, ``out/test-artifacts/web.png``.
 """
@@ -22,20 +22,15 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from test_serve_support import LiveServer, encode, exported_repository, image, load_npz, manifest, post_image, settings
+from support import LiveServer, ServeApp, encode, image, load_npz, manifest, post_image, settings
 
 from faar_serve.app import create_app
-from faar_serve.web import STATIC_DIR
+from faar_serve.routes.web import STATIC_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "out" / "test-artifacts"
 WAIT_S = 20
 SIZE = (80, 96)  # height, width of the upload; the model's input is 64x64
-
-
-@pytest.fixture(scope="module")
-def repo() -> Path:
-    return exported_repository()
 
 
 def test_page_and_files_are_public_and_self_contained(repo: Path) -> None:
@@ -85,12 +80,6 @@ def browser() -> Iterator[Any]:
         driver.quit()
 
 
-@pytest.fixture(scope="module")
-def server(repo: Path) -> Iterator[LiveServer]:
-    with LiveServer(create_app(settings(repo))) as live:
-        yield live
-
-
 def state(driver: Any) -> str:
     return driver.execute_script("return document.body.dataset.state || ''")
 
@@ -134,9 +123,9 @@ def error_text(driver: Any) -> str:
     return box.text if box.is_displayed() else ""
 
 
-def test_upload_renders_every_map(browser: Any, server: LiveServer, repo: Path, tmp_path: Path) -> None:
+def test_upload_renders_every_map(browser: Any, live_gateway: LiveServer, repo: Path, tmp_path: Path) -> None:
     meta = manifest(repo)
-    open_page(browser, server.url)
+    open_page(browser, live_gateway.url)
     assert f"model {meta['model']['name']} v{meta['model']['version']}" in text(browser, "#model")
     height, width = SIZE
     path = tmp_path / "photo.png"
@@ -162,7 +151,7 @@ def test_upload_renders_every_map(browser: Any, server: LiveServer, repo: Path, 
     problems = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not problems, problems  # no script error, nothing refused by the Content-Security-Policy
 
-    check_readout(browser, server, path.read_bytes(), meta)
+    check_readout(browser, live_gateway, path.read_bytes(), meta)
 
     slider = browser.find_element("id", "opacity")
     slider.send_keys("\ue012" * 10)  # arrow left, ten times
@@ -204,15 +193,15 @@ def check_readout(driver: Any, server: LiveServer, data: bytes, meta: dict[str, 
         assert text(driver, "#probe") == want
 
 
-def test_sample_button(browser: Any, server: LiveServer, repo: Path) -> None:
-    open_page(browser, server.url)
+def test_sample_button(browser: Any, live_gateway: LiveServer, repo: Path) -> None:
+    open_page(browser, live_gateway.url)
     assert act(browser, browser.find_element("id", "sample").click) == "done", error_text(browser)
     width, height = Image.open(STATIC_DIR / "sample.png").size
     assert map_sizes(browser) == {task: [width, height] for task in manifest(repo)["tasks"]}
 
 
-def test_invalid_upload_shows_the_api_error(browser: Any, server: LiveServer, tmp_path: Path) -> None:
-    open_page(browser, server.url)
+def test_invalid_upload_shows_the_api_error(browser: Any, live_gateway: LiveServer, tmp_path: Path) -> None:
+    open_page(browser, live_gateway.url)
     fake = tmp_path / "notes.png"
     fake.write_text("these are notes, not pixels\n")
     assert upload(browser, fake) == "error"
@@ -227,31 +216,31 @@ def test_invalid_upload_shows_the_api_error(browser: Any, server: LiveServer, tm
     assert set(map(tuple, map_sizes(browser).values())) == {(50, 40)}
 
 
-def test_oversized_upload_shows_413(browser: Any, repo: Path, tmp_path: Path) -> None:
+def test_oversized_upload_shows_413(browser: Any, repo: Path, tmp_path: Path, live_server: ServeApp) -> None:
     limit = 4096
     big = tmp_path / "big.png"
     big.write_bytes(encode(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)))
     assert big.stat().st_size > 2 * limit
-    with LiveServer(create_app(settings(repo, max_upload_bytes=limit))) as live:
-        open_page(browser, live.url)
-        assert upload(browser, big) == "error"
+    live = live_server(create_app(settings(repo, max_upload_bytes=limit)))
+    open_page(browser, live.url)
+    assert upload(browser, big) == "error"
     message = error_text(browser)
     assert "413" in message and f"over the limit of {limit} bytes" in message, message
 
 
-def test_api_key_prompt(browser: Any, repo: Path, tmp_path: Path) -> None:
-    with LiveServer(create_app(settings(repo, api_key="s3cret"))) as live:
-        open_page(browser, live.url)
-        assert "401" in error_text(browser)
-        form = browser.find_element("id", "key-form")
-        assert form.is_displayed()
-        for key, ending in (("wrong", "error"), ("s3cret", "idle")):
-            field = browser.find_element("id", "key")
-            field.clear()
-            field.send_keys(key)
-            button = form.find_element("css selector", "button")
-            assert act(browser, button.click, ("idle", "error")) == ending, error_text(browser)
-        assert not form.is_displayed() and "model faar" in text(browser, "#model")
-        path = tmp_path / "photo.png"
-        path.write_bytes(encode(image(5, 48, 48)))
-        assert upload(browser, path) == "done", error_text(browser)  # the key goes with the upload too
+def test_api_key_prompt(browser: Any, repo: Path, tmp_path: Path, live_server: ServeApp) -> None:
+    live = live_server(create_app(settings(repo, api_key="s3cret")))
+    open_page(browser, live.url)
+    assert "401" in error_text(browser)
+    form = browser.find_element("id", "key-form")
+    assert form.is_displayed()
+    for key, ending in (("wrong", "error"), ("s3cret", "idle")):
+        field = browser.find_element("id", "key")
+        field.clear()
+        field.send_keys(key)
+        button = form.find_element("css selector", "button")
+        assert act(browser, button.click, ("idle", "error")) == ending, error_text(browser)
+    assert not form.is_displayed() and "model faar" in text(browser, "#model")
+    path = tmp_path / "photo.png"
+    path.write_bytes(encode(image(5, 48, 48)))
+    assert upload(browser, path) == "done", error_text(browser)  # the key goes with the upload too

@@ -8,6 +8,15 @@ become ``EngineUnavailable`` (503) right away; nothing is retried inside the gat
 the next call simply tries again: the gRPC channel reconnects on its own, with its backoff
 capped at one second so a restarted server is found quickly, and aiohttp opens new
 connections as needed.
+
+Several Triton replicas are balanced by gRPC itself, not by the gateway: the URL may be any
+gRPC target name, ``dns:///triton-headless:8001`` (every address the name resolves to; a
+Kubernetes headless Service lists its ready pods) or ``ipv4:10.0.0.1:8001,10.0.0.2:8001``,
+and the channel's ``round_robin`` policy keeps a connection to each address and sends each
+call to the next ready one. A dead replica fails only the calls in flight on it; its
+address is skipped until it accepts connections again. gRPC re-resolves a DNS name when a
+connection closes, which Triton's ``--grpc-max-connection-age`` forces now and then so that
+new replicas are found (deploy/k8s). The HTTP client talks to one server only.
 """
 
 from __future__ import annotations
@@ -34,6 +43,20 @@ TRANSIENT_STATUSES = {
     "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",
     "StatusCode.CANCELLED", "429", "502", "503", "504",
 }
+GRPC_NAME_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")  # gRPC's naming doc
+
+
+def check_url(url: str, protocol: str) -> str:
+    """``url`` if ``protocol``'s client can use it, else a ``ValueError`` that says what it takes."""
+    if protocol == "grpc":
+        if url.startswith(GRPC_NAME_SCHEMES) or ("://" not in url and "," not in url):
+            return url
+        raise ValueError(f"triton url {url!r}: gRPC takes host:port or a gRPC target name, dns:///host:port "
+                         "(every address the name resolves to) or ipv4:host1:port1,host2:port2")
+    if url.startswith(GRPC_NAME_SCHEMES) or "://" in url or "," in url:
+        raise ValueError(f"triton url {url!r}: the HTTP client talks to one server, give host:port "
+                         "(several replicas: --triton-protocol grpc with dns:///host:port or an ipv4: list)")
+    return url
 
 
 def grpc_channel_args() -> list[tuple[str, Any]]:
@@ -46,6 +69,7 @@ def grpc_channel_args() -> list[tuple[str, Any]]:
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+        ("grpc.lb_policy_name", "round_robin"),  # every resolved address, not just the first
     ]
 
 
@@ -55,9 +79,7 @@ class TritonEngine(Engine):
     def __init__(self, *, url: str, protocol: str, model: str, version: int, input_name: str,
                  output_names: list[str], batch: BatchLimit, timeout_s: float,
                  observe_batch: BatchObserver | None = None) -> None:
-        if "://" in url:
-            raise ValueError(f"triton url {url!r}: give host:port without a scheme")
-        self.url = url
+        self.url = check_url(url, protocol)
         self.protocol = protocol
         self.model = model
         self.version = str(version)  # the version whose manifest the gateway read

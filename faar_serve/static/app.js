@@ -1,5 +1,5 @@
 // The gateway's web page: a client of the public API only (GET v1/model, POST v1/predict).
-// Plain ES2020, no framework, nothing fetched from outside the gateway. Design notes: faar_serve/web.py.
+// Plain ES2020, no framework, nothing fetched from outside the gateway. Design notes: faar_serve/routes/web.py.
 
 const $ = (id) => document.getElementById(id);
 const KEY = 'faar-api-key';

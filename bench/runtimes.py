@@ -10,10 +10,10 @@ tried in the settings it offers on CPU:
   ort_fp16     the ``--fp16`` export (weights and activations half, DFT and I/O fp32), ORT_ENABLE_ALL
 FLOPs are counted once per image with ``torch.utils.flop_counter.FlopCounterMode`` on the
 merged model with the matmul DFT (the exported graph); achieved GFLOP/s = FLOPs x batch /
-median seconds, against the CPU's fp32 peak (``common.cpu_peak_gflops`` says how).
+median seconds, against the CPU's fp32 peak (``bench.common.cpu_peak_gflops`` says how).
 
-    python bench/engine.py --config faar_pascal_swin_t --batches 1 4 8 --out bench/results/engine_swin_t.json
-    python bench/engine.py --quick
+    python -m bench.runtimes --config faar_pascal_swin_t --batches 1 4 8 --out bench/results/runtimes_swin_t.json
+    python -m bench.runtimes --quick
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from common import (
+
+from bench.common import (
     count_flops,
     cpu_peak_gflops,
     eager_call,
@@ -35,7 +36,6 @@ from common import (
     random_model,
     write_result,
 )
-
 from faar.export import build_export_module, export_onnx
 from faar.model import FAARModel, merge_model
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-fp16", dest="fp16", action="store_false", help="skip the fp16 export")
     parser.add_argument("--quick", action="store_true", help="the tiny preset, batch 1 and 2, few repeats")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/engine.json"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/runtimes.json"))
     args = parser.parse_args(argv)
     if args.quick:
         args.config, args.batches, args.repeats = "tiny", [1, 2], 3

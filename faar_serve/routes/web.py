@@ -2,7 +2,7 @@
 
 Decisions:
 
-* One static page (``static/index.html``, ``app.js``, ``style.css``, ``sample.png``), no
+* One static page (``faar_serve/static/index.html``, ``app.js``, ``style.css``, ``sample.png``), no
   build step, no framework, no external URL: it ships in the wheel (package data) and works
   offline. A Content-Security-Policy of ``'self'`` (plus ``data:``/``blob:`` images) makes the
   browser refuse anything else, so an accidental CDN link fails in the browser test.
@@ -34,7 +34,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-STATIC_DIR = Path(__file__).parent / "static"
+STATIC_DIR = Path(__file__).parents[1] / "static"
 CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
        "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 

@@ -1,23 +1,21 @@
-"""Shared pieces of the serving tests (this module holds no tests).
+"""Plain helpers of the serving tests (no tests, no state; fixtures are in ``conftest.py``).
 
-* ``exported_repository()``: a real model repository, written once per test session by the
-  real exporter (``faar.export.export_run``) from a freshly initialised ``tiny`` model. Its
-  outputs depend on the image, so a batching mix-up changes the maps.
-* ``offline_maps()``: the reference, computed without the gateway: Pillow resize to the
-  model size, ONNX Runtime on the file, maps resized back as the gateway documents.
-* ``LiveServer``: uvicorn on a free port in a thread, for tests where the socket matters.
+* ``settings``, ``manifest``: the gateway's settings and the export manifest of a repository;
+* ``image``, ``encode``, ``post_image``, ``load_npz``: test inputs and answers;
+* ``offline_inference``: the reference, computed without the gateway: Pillow resize to the
+  model size, ONNX Runtime on the file, maps resized back as the gateway documents;
+* ``assert_maps_equal``: the gateway's maps against that reference;
+* ``LiveServer``: uvicorn on a free port in a thread, for tests where the socket matters
+  (started and stopped by the ``live_server`` / ``live_gateway`` fixtures).
 """
 
 from __future__ import annotations
 
-import atexit
-import functools
 import io
 import json
-import shutil
-import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +24,11 @@ import onnxruntime as ort
 import uvicorn
 from PIL import Image
 
+from faar_serve.net import free_port
 from faar_serve.settings import Settings
-from faar_serve.triton_local import free_port
 
 MODEL = "faar"
-
-
-@functools.lru_cache(maxsize=1)
-def exported_repository() -> Path:
-    """``<tmp>/repo`` with model ``faar`` v1 (tiny preset, 64x64, six tasks, max batch 8)."""
-    import torch
-
-    from faar.config import load_config
-    from faar.export import ExportOptions, export_run
-    from faar.model import build_model
-    from faar.run import save_model
-
-    root = Path(tempfile.mkdtemp(prefix="faar-serve-test-"))
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
-    torch.manual_seed(0)
-    save_model(build_model(load_config("tiny").model), root / "run")
-    export_run(root / "run", root / "repo", ExportOptions(name=MODEL, version=1, max_batch_size=8))
-    return root / "repo"
+OfflineMaps = Callable[[np.ndarray], dict[str, np.ndarray]]  # the ``offline_maps`` fixture
 
 
 def manifest(repo: Path) -> dict[str, Any]:
@@ -74,23 +55,16 @@ def encode(arr: np.ndarray | Image.Image, fmt: str = "PNG", **params: Any) -> by
     return buf.getvalue()
 
 
-@functools.lru_cache(maxsize=4)
-def _session(path: str) -> ort.InferenceSession:
-    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-
-
 def _resize(plane: np.ndarray, height: int, width: int, resample: Image.Resampling) -> np.ndarray:
     return np.asarray(Image.fromarray(plane).resize((width, height), resample))
 
 
-def offline_maps(repo: Path, rgb: np.ndarray) -> dict[str, np.ndarray]:
+def offline_inference(session: ort.InferenceSession, meta: dict[str, Any], rgb: np.ndarray) -> dict[str, np.ndarray]:
     """task -> map at ``rgb``'s size: ONNX Runtime on the Pillow-resized image, maps resized back
     (labels nearest; probability/depth bilinear; normals bilinear per axis, renormalised)."""
-    meta = manifest(repo)
     _, h, w, _ = meta["inputs"][0]["shape"]
     height, width = rgb.shape[:2]
     x = _resize(rgb, h, w, Image.Resampling.BILINEAR) if (height, width) != (h, w) else rgb
-    session = _session(str(repo / MODEL / "1" / "model.onnx"))
     names = [o.name for o in session.get_outputs()]
     raw = dict(zip(names, (o[0] for o in session.run(names, {"image": x[None]})), strict=True))
     maps = {}
@@ -155,3 +129,6 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(15)
+
+
+ServeApp = Callable[[Any], LiveServer]  # the ``live_server`` fixture: app in, running server out
