@@ -24,8 +24,8 @@ It prints one table and writes the JSON (``--out``). ``--dry-run`` takes the sam
 on the CPU provider with the tiny preset and batches 1 and 2, so CI proves the script runs
 (``tests/test_gpu_check.py``); its numbers mean nothing.
 
-    python bench/gpu_check.py --out bench/results/gpu_check.json
-    python bench/gpu_check.py --dry-run --out /tmp/gpu_check_dry.json
+    python -m bench.gpu_check --out bench/results/gpu_check.json
+    python -m bench.gpu_check --dry-run --out /tmp/gpu_check_dry.json
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from common import interleaved_medians, markdown_table, random_model, write_result
 
+from bench.common import interleaved_medians, markdown_table, random_model, write_result
 from faar.export import TOLERANCES, build_export_module, check_parity, export_onnx, parity_batches
 from faar.model import merge_model
 

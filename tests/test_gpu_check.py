@@ -7,19 +7,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def gpu_check(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bench.gpu_check", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def test_help() -> None:
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    proc = gpu_check("--help", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--dry-run" in proc.stdout and "--trt-cache" in proc.stdout
 
 
 def test_dry_run_checks_every_configuration_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out),
-                           "--trt-cache", str(tmp_path / "trt")], capture_output=True, text=True, timeout=600)
+    proc = gpu_check("--dry-run", "--out", str(out), "--trt-cache", str(tmp_path / "trt"), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = {r["name"]: r for r in result["rows"]}

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from test_serve_support import LiveServer, encode, image, load_npz, post_image, settings
+from support import LiveServer, encode, image, load_npz, post_image, settings
 
 from faar.cli import export_main
 from faar.config import dump_config, load_config
@@ -42,7 +42,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def repo(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def models(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Version 1 fp32, version 2 int8 of the same run (one config.pbtxt serves both)."""
     repo = tmp_path_factory.mktemp("repo") / "models"
     export_run(run_dir, repo, ExportOptions())
@@ -52,8 +52,8 @@ def repo(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
-def test_int8_graph_and_manifest(repo: Path) -> None:
-    manifest = load_manifest(repo / "faar" / "2" / "manifest.json")
+def test_int8_graph_and_manifest(models: Path) -> None:
+    manifest = load_manifest(models / "faar" / "2" / "manifest.json")
     export = manifest.export
     assert export.precision == "int8" and not export.fp16 and export.options.precision == "int8"
     q = export.quantization
@@ -69,13 +69,13 @@ def test_int8_graph_and_manifest(repo: Path) -> None:
     assert isinstance(gate.cpu.vnni, bool)
     assert manifest.parity.passed and "fp32 graph" in manifest.parity.candidate
 
-    proto = onnx.load(str(repo / "faar" / "2" / "model.onnx"))
+    proto = onnx.load(str(models / "faar" / "2" / "model.onnx"))
     ops = {n.op_type for n in proto.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert export.op_types == {k: v for k, v in sorted(export.op_types.items())}
     assert export.op_types["DequantizeLinear"] == sum(n.op_type == "DequantizeLinear" for n in proto.graph.node)
     # the fp32 version's manifest is unchanged in meaning: no gate, precision fp32
-    fp32 = load_manifest(repo / "faar" / "1" / "manifest.json")
+    fp32 = load_manifest(models / "faar" / "1" / "manifest.json")
     assert fp32.export.precision == "fp32" and fp32.parity.gate is None and fp32.export.quantization is None
 
 
@@ -144,25 +144,25 @@ def test_default_limits_and_judging() -> None:
     assert not bad["passed"] and [t for t, v in bad["tasks"].items() if not v["passed"]] == list(ref)
 
 
-def test_node_groups_cover_every_matmul_and_conv(repo: Path) -> None:
-    proto = onnx.load(str(repo / "faar" / "1" / "model.onnx"))
+def test_node_groups_cover_every_matmul_and_conv(models: Path) -> None:
+    proto = onnx.load(str(models / "faar" / "1" / "model.onnx"))
     groups = node_groups(proto)
     named = sorted(n for names in groups.values() for n in names)
     assert named == sorted(n.name for n in proto.graph.node if n.op_type in ("MatMul", "Conv"))
     assert all(n.startswith("/model/decoder/") for n in groups["decoder.spectral"] + groups["decoder.conv"])
 
 
-def test_gateway_and_triton_serve_the_int8_model(repo: Path) -> None:
+def test_gateway_and_triton_serve_the_int8_model(models: Path) -> None:
     """The same config.pbtxt serves fp32 v1 and int8 v2; both servers answer with v2 (the newest)."""
     rgb = image(7)
-    app = create_app(settings(repo))
+    app = create_app(settings(models))
     with LiveServer(app) as server:
         r = httpx.post(f"{server.url}/v1/predict?format=npz", files=post_image(encode(rgb)), timeout=60)
         assert r.status_code == 200, r.text
         via_gateway = load_npz(r.content)
         info = httpx.get(f"{server.url}/v1/model", timeout=10).json()
     assert info["model"]["version"] == 2 and info["export"]["precision"] == "int8"
-    with LocalTriton(repo) as triton:
+    with LocalTriton(models) as triton:
         import tritonclient.http as http
 
         client = http.InferenceServerClient(triton.http_url)

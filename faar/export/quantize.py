@@ -39,6 +39,7 @@ Decisions:
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -96,15 +97,27 @@ def node_groups(proto: onnx.ModelProto) -> dict[str, list[str]]:
     return groups
 
 
+class _SkipPreprocessAdvice(logging.Filter):
+    """quantize_static advises ``quant_pre_process`` on every call; the module docstring says why not."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing" not in record.getMessage()
+
+
 def quantize_graph(fp32: Path, out: Path, input_name: str, calibration: Sequence[np.ndarray], cache: Path,
                    keep_float: Sequence[str] = ()) -> None:
     """Static QDQ int8 of ``fp32`` into ``out`` (nodes named in ``keep_float`` stay float);
     calibration ranges are read from ``cache`` when it exists, else computed and saved there."""
-    quantize_static(str(fp32), str(out), _Reader(input_name, calibration), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True, reduce_range=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=list(keep_float), calibrate_method=CalibrationMethod.MinMax,
-                    calibration_cache_path=cache)
+    advice = _SkipPreprocessAdvice()
+    logging.getLogger().addFilter(advice)
+    try:
+        quantize_static(str(fp32), str(out), _Reader(input_name, calibration), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True, reduce_range=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(keep_float), calibrate_method=CalibrationMethod.MinMax,
+                        calibration_cache_path=cache)
+    finally:
+        logging.getLogger().removeFilter(advice)
 
 
 def quantize_with_gate(fp32: Path, out: Path, input_name: str, tasks: Mapping[str, TaskSpec],
