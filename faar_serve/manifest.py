@@ -425,7 +425,8 @@ class Manifest(Schema):
         return self.inputs[0]
 
     def to_json(self) -> str:
-        return self.model_dump_json(indent=2) + "\n"
+        # exclude_unset: a field added after a manifest was written stays absent, not null
+        return self.model_dump_json(indent=2, exclude_unset=True) + "\n"
 
 
 def _problems(exc: ValidationError, limit: int = 3) -> str:
