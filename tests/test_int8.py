@@ -15,7 +15,7 @@ from faar.cli import export_main
 from faar.config import dump_config, load_config
 from faar.data import build_dataset
 from faar.export import ExportError, ExportOptions, export_run
-from faar.export.gate import Limit, judge, parse_limit
+from faar.export.gate import Limit, calibration_images, judge, parse_limit
 from faar.export.quantize import node_groups
 from faar.model import build_model
 from faar.run import save_model
@@ -121,16 +121,22 @@ def test_cli_refusals(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert not Path(out).exists()
 
 
-def test_calibration_from_a_folder(run_dir: Path, tmp_path: Path) -> None:
+def test_calibration_from_a_folder(tmp_path: Path) -> None:
+    """Image files of any size and format, decoded and resized by the gateway's codec; others skipped."""
     folder = tmp_path / "photos"
-    folder.mkdir()
+    (folder / "sub").mkdir(parents=True)
     for i in range(3):
-        (folder / f"{i}.jpg").write_bytes(encode(image(i, 90, 120), "JPEG"))
+        (folder / ("sub" if i else "") / f"{i}.jpg").write_bytes(encode(image(i, 90, 120), "JPEG"))
     (folder / "notes.txt").write_text("not an image")
-    result = export_run(run_dir, tmp_path / "models",
-                        ExportOptions(precision="int8", calibration=str(folder), gate=RELAXED, **SMALL))
-    q = load_manifest(result.manifest_path).export.quantization
-    assert q.calibration.images == 3 and q.calibration.source == str(folder.resolve())
+    images = calibration_images(str(folder), None, ["semseg"], (64, 32), 8)
+    assert len(images) == 3 and all(im.shape == (64, 32, 3) and im.dtype == np.uint8 for im in images)
+    assert len(calibration_images(str(folder), None, ["semseg"], (64, 32), 2)) == 2
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ExportError, match="broken.png"):
+        calibration_images(str(folder), None, ["semseg"], (64, 32), 8)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="holds no images"):
+        calibration_images(str(tmp_path / "empty"), None, [], (64, 32), 1)
 
 
 def test_default_limits_and_judging() -> None:
