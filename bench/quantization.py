@@ -60,12 +60,17 @@ def forms_gate(forms: dict[str, tuple[Path, list[str]]], tasks: dict, held: list
 
 
 def run(config: str | None, run_dir: Path | None, batches: list[int], repeats: int, calibration: int,
-        gate_images: int, per_group: bool) -> dict[str, Any]:
+        gate_images: int, per_group: bool, fp32_onnx: Path | None = None) -> dict[str, Any]:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        fp32, model = fp32_graph(work, config, run_dir)
-        size = model.img_size
+        if fp32_onnx is not None:  # a graph faar-export (or this script) already wrote: no model needed
+            fp32, model = fp32_onnx, None
+            size = tuple(d.dim_value for d in onnx.load(str(fp32), load_external_data=False)
+                         .graph.input[0].type.tensor_type.shape.dim[1:3])
+        else:
+            fp32, model = fp32_graph(work, config, run_dir)
+            size = model.img_size
         groups = node_groups(onnx.load(str(fp32)))
         gate: dict[str, Any] | None = None
         if run_dir is not None:
@@ -100,7 +105,8 @@ def run(config: str | None, run_dir: Path | None, batches: list[int], repeats: i
                 rows.append({"batch": batch, "form": name, "float_groups": forms[name][1],
                              "ms_per_batch": seconds * 1000, "images_per_s": batch / seconds,
                              "x_fp32": times["fp32"] / seconds, "x_int8_all": times["int8_all"] / seconds})
-    return {"setup": {"model": str(run_dir) if run_dir else config, "img_size": list(size), "batches": batches,
+    return {"setup": {"model": str(run_dir) if run_dir else config, "fp32_onnx": str(fp32_onnx or ""),
+                      "img_size": list(size), "batches": batches,
                       "repeats": repeats, "calibration_images": len(images),
                       "groups": {g: len(n) for g, n in groups.items()}, "cpu": cpu_description(),
                       "seconds": round(time.monotonic() - t0, 1)},
@@ -134,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calibration-images", type=int, default=16)
     parser.add_argument("--gate-images", type=int, default=64)
+    parser.add_argument("--fp32-onnx", type=Path,
+                        help="with --config: time this already exported fp32 graph instead of exporting the preset")
     parser.add_argument("--no-groups", dest="per_group", action="store_false",
                         help="skip the float:<group> forms (one quantisation and session each)")
     parser.add_argument("--quick", action="store_true", help="the tiny preset, batch 1 and 2, few repeats")
@@ -141,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.config, args.run, args.batches, args.repeats, args.calibration_images = "tiny", None, [1, 2], 2, 4
+    if args.fp32_onnx and args.run:
+        parser.error("--fp32-onnx goes with --config (a --run is exported as faar-export does)")
     result = run(None if args.run else args.config, args.run, args.batches, args.repeats, args.calibration_images,
-                 args.gate_images, args.per_group)
+                 args.gate_images, args.per_group, args.fp32_onnx)
     print_tables(result)
     write_result(args.out, result)
     return 0
