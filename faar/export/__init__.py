@@ -120,7 +120,9 @@ def export_run(run_dir: str | os.PathLike, repo_dir: str | os.PathLike,
         parity = check_parity(fp32_path, reference, parity_batches(model.img_size), TOLERANCES["fp32"])
         if not parity["passed"]:
             raise ExportError("parity check failed, nothing written: " + "; ".join(parity["failures"]))
-        graph["precision"] = options.precision
+        # every export states its precision, quantisation and gate (None: not applicable)
+        graph.update(precision=options.precision, quantization=None)
+        parity["gate"] = None
         if options.precision != "fp32":
             reduced = reduce_precision(fp32_path, onnx_path, run_dir, model, module, options)
             graph.update(reduced["graph"], fp16=options.precision == "fp16", quantization=reduced["quantization"])
