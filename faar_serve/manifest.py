@@ -55,6 +55,7 @@ FORMAT_VERSION = 1
 TaskKind = Literal["labels", "probability", "normals", "depth"]
 KINDS: tuple[str, ...] = get_args(TaskKind)
 FFTBackend = Literal["matmul", "torch"]
+Precision = Literal["fp32", "fp16", "int8"]
 FFT_ALIASES = {"dft": "torch"}  # faar-export's earlier spelling
 DType = Literal["uint8", "float32"]
 SHA256 = r"^[0-9a-f]{64}$"
@@ -234,6 +235,13 @@ class ExportOptionsRecord(Schema):
     queue_timeout_s: float | None = None  # optional: added within format 1
     parity_device: Literal["cpu", "cuda"] | None = None
     tf32: bool | None = None
+    # Added with the reduced-precision exports (absent in earlier manifests):
+    precision: Precision | None = None
+    calibration: str | None = Field(None, description="int8: 'run' (the run's training split) or a folder")
+    calibration_images: int | None = Field(None, ge=1)
+    gate_images: int | None = Field(None, ge=1)
+    gate: list[str] | None = Field(None, description="limits that replaced the defaults, TASK=VALUE[%]")
+    data_root: str | None = None
 
     normalise_fft = field_validator("fft", mode="before")(_fft_name)
 
@@ -253,11 +261,45 @@ class GraphInfo(Schema):
     seconds: float
 
 
+class Calibration(Schema):
+    source: str = Field(description="'<dataset> <split>' of the run, or the folder the images came from")
+    images: int = Field(ge=1)
+
+
+class QuantizationMethod(Schema):
+    format: Literal["QDQ"]
+    weights: str
+    activations: str
+    calibration: str = Field(description="how activation ranges were taken from the calibration images")
+    operators: list[str] = Field(description="operator types quantised (all others stay float)")
+
+
+class QuantizationTrial(Schema):
+    float_groups: list[str]
+    passed: bool
+    score: float | None = Field(description="worst task's loss / its limit (1 = at the limit); None: unbounded")
+    worse_by: dict[str, float | None]
+
+
+class Quantization(Schema):
+    """How the int8 graph was made: which node groups stay float, found by the sensitivity pass."""
+
+    method: QuantizationMethod
+    calibration: Calibration
+    groups: dict[str, Count] = Field(description="quantisable nodes per group")
+    float_groups: list[str] = Field(description="groups kept float in this graph")
+    sensitivity: dict[str, float | None] = Field(
+        description="gate score with only that group float (empty when everything quantised passed)")
+    tried: list[QuantizationTrial]
+
+
 class ExportInfo(GraphInfo):
     options: ExportOptionsRecord
     fft_backend: FFTBackend
     versions: dict[str, str] = Field(description="package versions of the export")
     total_seconds: float
+    precision: Precision | None = Field(None, description="None in manifests older than the field: fp32 or fp16")
+    quantization: Quantization | None = None
 
     normalise_fft = field_validator("fft_backend", mode="before")(_fft_name)
 
@@ -288,6 +330,42 @@ class MapError(Schema):
     mean_abs_error: float
 
 
+class GateTask(Schema):
+    metric: str = Field(description="the task's headline metric, as faar.metrics names it")
+    fp32: float | None
+    candidate: float | None
+    worse_by: float | None = Field(description="in the limit's units (percent of fp32 for a relative limit)")
+    limit: str = Field(description="VALUE or VALUE%")
+    passed: bool
+
+
+class GateLimit(Schema):
+    worse_by: float
+    relative: bool
+
+
+class GateCpu(Schema):
+    model: str
+    cores: Count
+    avx2: bool
+    avx512: bool
+    vnni: bool
+
+
+class AccuracyGate(Schema):
+    """Task metrics of this graph against the fp32 graph of the same run, on held-out images."""
+
+    passed: bool
+    failures: list[str]
+    score: float | None
+    tasks: dict[str, GateTask]
+    limits: dict[str, GateLimit]
+    data: str = Field(description="'<dataset> <split>' the held-out images came from")
+    images: int = Field(ge=1)
+    runtime: str
+    cpu: GateCpu
+
+
 class Parity(Schema):
     reference: ParityReference
     candidate: str
@@ -298,6 +376,7 @@ class Parity(Schema):
     outputs: dict[str, LabelAgreement | MapError]
     provider: str | None = Field(None, description="ONNX Runtime execution provider that ran the graph "
                                  "(CUDA with TF32 off); optional: added within format 1")
+    gate: AccuracyGate | None = Field(None, description="fp16 and int8: the accuracy gate")
 
 
 class OnnxFile(Schema):

@@ -83,3 +83,13 @@ def test_predict_quick(tmp_path: Path) -> None:
     result, stdout = run_quick("predict", tmp_path)
     (row,) = result["rows"]
     assert row["images"] == 8 and row["ratio"] > 0 and "faar-predict images/s" in stdout
+
+
+def test_quantization_quick(tmp_path: Path) -> None:
+    result, stdout = run_quick("quantization", tmp_path)
+    forms = {r["form"] for r in result["rows"]}
+    assert {"fp32", "int8_all"} <= forms and any(f.startswith("float:backbone") for f in forms)
+    assert {r["batch"] for r in result["rows"]} == {1, 2}
+    assert all(r["images_per_s"] > 0 for r in result["rows"])
+    assert result["setup"]["groups"] and isinstance(result["setup"]["cpu"]["vnni"], bool)
+    assert "x int8_all" in stdout

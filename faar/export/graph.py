@@ -98,8 +98,17 @@ def export_onnx(module: ExportWrapper, path: str | os.PathLike, opset: int | Non
     read_input_through_cast(proto, module.inputs[0].name)
     if fp16:
         proto = to_fp16(proto, spectral_scopes(module))
+    return {"exporter": chosen, "export_seconds": round(export_s, 2), "fp16": fp16,
+            **finish_graph(proto, path, module.inputs + module.outputs),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def finish_graph(proto: onnx.ModelProto, path: str | os.PathLike, specs: Sequence[TensorSpec]) -> dict[str, Any]:
+    """Declare exact I/O, prune opset imports, refuse training tensors, save to ``path`` and run
+    ``onnx.checker`` (full); returns the graph's description (``GraphInfo`` fields). Every graph
+    written (fp32, fp16, int8) ends here."""
     _prune_opset_imports(proto)
-    _declare_io(proto, module.inputs + module.outputs)
+    _declare_io(proto, specs)
     assert_no_training_ops(proto)
     onnx.save(proto, str(path))
     try:
@@ -107,16 +116,12 @@ def export_onnx(module: ExportWrapper, path: str | os.PathLike, opset: int | Non
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"the exported graph fails onnx.checker: {exc}") from exc
     return {
-        "exporter": chosen,
         "opset": next(o.version for o in proto.opset_import if o.domain == ""),
         "ir_version": proto.ir_version,
         "optimization": "onnxruntime basic (offline)",
-        "fp16": fp16,
         "nodes": len(proto.graph.node),
         "op_types": dict(sorted(Counter(n.op_type for n in proto.graph.node).items())),
         "initializer_elements": sum(int(np.prod(t.dims)) for t in proto.graph.initializer),
-        "export_seconds": round(export_s, 2),
-        "seconds": round(time.perf_counter() - t0, 2),
     }
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import torch
 
 from faar_serve.providers import ProviderError, create_session, running_provider
@@ -66,9 +67,10 @@ def parity_batches(size: tuple[int, int], seed: int = 0) -> list[tuple[str, np.n
 @torch.inference_mode()
 def check_parity(onnx_path: str | os.PathLike, reference: ExportWrapper,
                  batches: Sequence[tuple[str, np.ndarray]], tolerance: Tolerance,
-                 device: ParityDevice = "cpu") -> dict[str, Any]:
-    """Run the ONNX file in ONNX Runtime (on ``device``, TF32 off) and ``reference`` in PyTorch
-    (CPU, fp32) on the same batches.
+                 device: ParityDevice = "cpu", providers: Sequence[Any] | None = None) -> dict[str, Any]:
+    """Run the ONNX file in ONNX Runtime (on ``device`` with the gateway's session settings, TF32
+    off; or on explicit ``providers``, as bench/gpu_check.py does for TensorRT) and ``reference``
+    in PyTorch (CPU, fp32) on the same batches.
 
     Per output, over all pixels of all batches: max and mean abs error (continuous maps)
     or the share of pixels with the same class (label maps). ``passed`` is False when any
@@ -77,7 +79,12 @@ def check_parity(onnx_path: str | os.PathLike, reference: ExportWrapper,
     plus ``provider``: the execution provider that ran the graph.
     """
     try:  # spin_wait off: no busy-waiting ONNX Runtime threads stealing cores from PyTorch's here
-        session = create_session(onnx_path, device, spin_wait=False, tf32=False)
+        if providers is None:
+            session = create_session(onnx_path, device, spin_wait=False, tf32=False)
+        else:
+            options = ort.SessionOptions()
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            session = ort.InferenceSession(str(onnx_path), options, providers=list(providers))
     except ProviderError as exc:
         raise ExportError(f"parity on {device}: {exc}") from exc
     except Exception as exc:  # onnxruntime raises its own untyped errors

@@ -31,12 +31,13 @@ Precision = Literal["float16", "float32"]
 PRECISIONS: tuple[Precision, ...] = ("float16", "float32")
 
 
-def resize_map(task: TaskInfo, arr: np.ndarray, height: int, width: int) -> np.ndarray:
-    """One task's model output (``[h, w]``, normals ``[3, h, w]``) at ``height x width``: labels
-    uint8, other maps float32 (the exact values every encoding is rounded from)."""
-    if task.kind == "labels":
+def resize_map(kind: str, arr: np.ndarray, height: int, width: int) -> np.ndarray:
+    """One map of task kind ``kind`` (model output ``[h, w]``, normals ``[3, h, w]``) at
+    ``height x width``: labels uint8, other maps float32 (the exact values every encoding is
+    rounded from). ``faar-eval`` resizes exported maps to the label's size with it too."""
+    if kind == "labels":
         return resize.labels(arr, height, width)
-    if task.kind == "normals":
+    if kind == "normals":
         return resize.normals(arr, height, width)
     return resize.continuous(arr, height, width)
 

@@ -46,7 +46,7 @@ def _each(pool: Executor | None, fn: Callable[[T], R], items: Iterable[T]) -> li
 def resize_maps(tasks: Sequence[TaskInfo], outputs: Mapping[str, np.ndarray], height: int, width: int,
                 pool: Executor | None = None) -> dict[str, np.ndarray]:
     """task name -> its map at ``height x width`` (labels uint8, the rest float32)."""
-    resized = _each(pool, lambda t: resize_map(t, outputs[t.output], height, width), tasks)
+    resized = _each(pool, lambda t: resize_map(t.kind, outputs[t.output], height, width), tasks)
     return {t.name: arr for t, arr in zip(tasks, resized, strict=True)}
 
 
