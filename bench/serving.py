@@ -44,9 +44,9 @@ from clients import loadgen
 from faar.data.scenes import render_scene
 from faar.export import ExportOptions, export_run
 from faar.run import save_model
-from faar_serve.engines.onnx import create_session
 from faar_serve.manifest import load_model_spec
 from faar_serve.net import free_port, wait_ready
+from faar_serve.providers import create_session
 from faar_serve.triton_local import LocalTriton
 
 MODEL = "faar"
@@ -98,13 +98,15 @@ def bare_engine(repo: Path, image: bytes, max_batch: int, repeats: int) -> dict[
 class Gateway:
     """``python -m faar_serve`` in a subprocess, ready when /readyz says so."""
 
-    def __init__(self, repo: Path, *flags: str) -> None:
+    def __init__(self, repo: Path, *flags: str, pythonpath: str | None = None) -> None:
+        """``pythonpath``: where the gateway's ``faar_serve`` comes from (default: this checkout's)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "faar_serve", "--model-repository", str(repo), "--port", str(self.port),
                "--log-level", "warning", "--max-queue", "256", "--request-timeout-s", str(PATIENCE_S), *flags]
         self.log = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None  # and run there: -m puts cwd first
+        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=pythonpath)
         try:
             wait_ready(self.url, self.process)
         except (RuntimeError, TimeoutError) as exc:
@@ -188,14 +190,14 @@ def print_table(result: dict) -> None:
     print(f"bare engine images/s: {result['bare_images_per_s']}; triton server peak RSS: "
           f"{result['triton_peak_rss_mib']} MiB")
     print(markdown_table(["setup", "conc.", "req/s", "x bare best", "p50 ms", "p95 ms", "p99 ms", "errors",
-                          "gateway peak RSS MiB", "server p50 ms decode/queue/infer/encode"],
+                          "gateway peak RSS MiB", "server p50 ms decode/resize/queue/infer/encode"],
                          [[r["setup"], r["concurrency"], r["throughput_rps"], r["share_of_bare"],
                            r["latency_ms"]["p50"], r["latency_ms"]["p95"], r["latency_ms"]["p99"], r["errors"],
                            r["gateway_peak_rss_mib"], stages(r["server_stage_p50_ms"])] for r in result["rows"]]))
 
 
 def stages(p50: dict[str, float]) -> str:
-    return " / ".join(f"{p50.get(k, float('nan')):.1f}" for k in ("decode", "queue", "inference", "encode"))
+    return " / ".join(f"{p50.get(k, float('nan')):.1f}" for k in ("decode", "resize", "queue", "inference", "encode"))
 
 
 def main(argv: list[str] | None = None) -> int:

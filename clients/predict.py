@@ -11,7 +11,8 @@ exact arrays instead):
 
     curl -s -F image=@photo.jpg 'http://127.0.0.1:8080/v1/predict?tasks=semseg,depth'
 
-Needs httpx, numpy and Pillow; exits 1 if any image failed.
+Needs httpx, Pillow and ``faar_serve`` (its preview); exits 1 if any image failed. Without a
+server, ``faar-predict`` writes the same files from a model repository directly.
 """
 
 from __future__ import annotations
@@ -21,40 +22,15 @@ import base64
 import io
 import sys
 from pathlib import Path
-from typing import Any
 
 import httpx
-import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 
-PREVIEW_HEIGHT = 256
-
-
-def panel(task: dict[str, Any], png: Image.Image) -> Image.Image:
-    """A map as an RGB picture for people: depth stretched to its range, the rest as encoded."""
-    if task["kind"] == "depth":
-        depth = np.asarray(png, dtype=np.float64)
-        top = max(depth.max(), 1.0)
-        grey = Image.fromarray((255 - depth / top * 255).astype(np.uint8))  # near = bright
-        return ImageOps.colorize(grey, black="#0b0b3b", white="#ffd000")
-    return png.convert("RGB")
+from faar_serve.preview import panel, side_by_side
 
 
-def side_by_side(panels: list[tuple[str, Image.Image]]) -> Image.Image:
-    scaled = [(name, im.resize((max(1, round(im.width * PREVIEW_HEIGHT / im.height)), PREVIEW_HEIGHT)))
-              for name, im in panels]
-    sheet = Image.new("RGB", (sum(im.width for _, im in scaled), PREVIEW_HEIGHT), "white")
-    draw = ImageDraw.Draw(sheet)
-    x = 0
-    for name, im in scaled:
-        sheet.paste(im, (x, 0))
-        draw.text((x + 4, 4), name, fill="white", stroke_width=2, stroke_fill="black")
-        x += im.width
-    return sheet
-
-
-def predict_one(http: httpx.Client, path: Path, out: Path, tasks: str | None) -> list[Path]:
-    params = {"tasks": tasks} if tasks else {}
+def predict_one(http: httpx.Client, path: Path, out: Path, tasks: str | None, size: str = "original") -> list[Path]:
+    params = {"size": size, **({"tasks": tasks} if tasks else {})}
     with path.open("rb") as f:
         response = http.post("/v1/predict", params=params, files={"image": (path.name, f)})
     if response.status_code != 200:
@@ -67,7 +43,7 @@ def predict_one(http: httpx.Client, path: Path, out: Path, tasks: str | None) ->
         target = out / f"{path.stem}.{name}.png"
         target.write_bytes(data)
         written.append(target)
-        panels.append((name, panel(task, Image.open(io.BytesIO(data)))))
+        panels.append((name, panel(task["kind"], Image.open(io.BytesIO(data)))))
     preview = out / f"{path.stem}.preview.png"
     side_by_side(panels).save(preview)
     timings = ", ".join(f"{k} {v:.1f} ms" for k, v in answer["timings_ms"].items())
@@ -81,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway")
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="folder for the PNGs")
     parser.add_argument("--tasks", help="comma-separated subset, e.g. semseg,depth")
+    parser.add_argument("--size", default="original",
+                        help="original (the image's size), model (the model's resolution) or a longest side in pixels")
     parser.add_argument("--api-key", help="if the gateway runs with one")
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
@@ -90,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     with httpx.Client(base_url=args.url, headers=headers, timeout=args.timeout) as http:
         for path in args.images:
             try:
-                predict_one(http, path, args.out, args.tasks)
+                predict_one(http, path, args.out, args.tasks, args.size)
             except (OSError, RuntimeError, httpx.HTTPError) as exc:
                 failed += 1
                 print(f"{path}: failed: {exc}", file=sys.stderr)

@@ -25,6 +25,9 @@ from torch import nn
 
 AdapterKind = Literal["lora", "dora"]
 ForwardMode = Literal["fused", "unmerged"]
+# The trainable parameters an adapter adds (``magnitude``: DoRA only), by attribute name:
+# what decides "adapter parameter" for model.py's trainable set and parameter counts.
+ADAPTER_PARAMS: tuple[str, ...] = ("lora_A", "lora_B", "magnitude")
 
 
 class AdapterLinear(nn.Module):
@@ -141,6 +144,11 @@ class AdapterLinear(nn.Module):
         self.lora_A = nn.Parameter(a.contiguous(), requires_grad=grad)
         self.lora_B = nn.Parameter(b.contiguous(), requires_grad=grad)
         self.gate = None
+
+
+def is_adapter_param(name: str) -> bool:
+    """Whether a qualified parameter name (``...attn.qkv.lora_A``) is an adapter's own parameter."""
+    return name.rsplit(".", 1)[-1] in ADAPTER_PARAMS
 
 
 def adapters_of(module: nn.Module) -> dict[str, AdapterLinear]:

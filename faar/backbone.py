@@ -18,6 +18,15 @@ Layout (MTLoRA's, which FAAR follows):
 
 Because the projection after attention is a per-token linear, applying it after the
 window reverse is identical to timm's placement inside ``WindowAttention``.
+
+Two of timm's private names are used, because timm has no public equivalent:
+``SwinTransformerBlock._attn`` (the windowed attention without the residual, which the
+task fork needs before its per-task projections) and ``SwinTransformer._ref_window_sizes``
+(the constructor's window per stage: ``set_input_size`` must be given it explicitly, or
+timm rescales windows with the grid, and blocks only keep windows clamped to their
+feature size). Both exist from timm 1.0.31 on; ``pyproject.toml`` pins the tested range
+and ``check_timm`` refuses, with the fix in the message, a timm that lacks them (older
+releases would otherwise silently resize window-12 Swins with window 7).
 """
 
 from __future__ import annotations
@@ -45,8 +54,28 @@ _SWIN_ALIASES = {
 }
 
 
+# The timm releases this module was tested with (pyproject.toml pins the same range).
+TIMM_TESTED = ">=1.0.31,<1.1"
+
+
 class BackboneError(ValueError):
-    """A backbone that cannot be built as configured (name, size or weights)."""
+    """A backbone that cannot be built as configured (name, size, weights or timm version)."""
+
+
+def check_timm(swin: SwinTransformer) -> None:
+    """Fail loudly when timm lacks the private names this module relies on (module docstring)."""
+    missing = [name for name, owner in (("SwinTransformerBlock._attn", SwinTransformerBlock),
+                                        ("SwinTransformer._ref_window_sizes", swin))
+               if not hasattr(owner, name.rsplit(".", 1)[-1])]
+    if missing:
+        raise BackboneError(f"timm {timm.__version__} lacks {', '.join(missing)}; FAAR needs timm{TIMM_TESTED} "
+                            f"(pip install 'timm{TIMM_TESTED}')")
+
+
+def stage_window_sizes(swin: SwinTransformer) -> tuple[tuple[int, int], ...]:
+    """The window (h, w) of every stage as constructed, before clamping to feature sizes."""
+    check_timm(swin)
+    return tuple(tuple(int(v) for v in ws) for ws in swin._ref_window_sizes)
 
 
 def create_swin(name: str, img_size: tuple[int, int], pretrained: bool = False,
@@ -127,7 +156,7 @@ class TaskForkBlock(nn.Module):
         return y.reshape(B, H, W, C)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        a = self.block._attn(self.block.norm1(x))
+        a = self.block._attn(self.block.norm1(x))  # private: see the module docstring
         shared = None
         if self.shared_needed:
             mlp = self.block.mlp
@@ -142,18 +171,10 @@ class MultiTaskSwin(nn.Module):
     def __init__(self, swin: SwinTransformer, tasks: list[str], adapter: AdapterConfig,
                  taps: str = "merged") -> None:
         super().__init__()
-        if taps not in ("merged", "stages"):
-            raise ValueError(f"decoder.taps must be 'merged' or 'stages', got {taps!r}")
-        bad = set(adapter.task_targets) - {"proj", "fc1", "fc2"}
-        if bad:
-            raise ValueError(f"adapter.task_targets may hold proj, fc1, fc2 only (qkv is shared); got {sorted(bad)}")
-        bad = set(adapter.targets) - {"qkv", "proj", "fc1", "fc2"}
-        if bad:
-            raise ValueError(f"adapter.targets may hold qkv, proj, fc1, fc2 only; got {sorted(bad)}")
         self.swin = swin
         self.tasks = list(tasks)
         self.taps = taps
-        self.window_size = getattr(swin, "_ref_window_sizes", 7)
+        self.window_size = stage_window_sizes(swin)
         for p in swin.parameters():
             p.requires_grad_(False)
         use_adapters = adapter.kind != "none"

@@ -69,14 +69,18 @@ def export_main(argv: list[str] | None = None) -> int:
         description="Rebuild a run's model, merge its adapters into the frozen weights, export ONNX, "
                     "check it against the unmerged model in ONNX Runtime, and write a Triton model "
                     "repository: REPO_DIR/NAME/config.pbtxt and REPO_DIR/NAME/VERSION/{model.onnx,"
-                    "manifest.json}. Nothing is written unless the parity check passes.",
+                    "manifest.json}. Nothing is written unless the parity check passes and, for fp16 and "
+                    "int8, the accuracy gate: task metrics on held-out images of the run's validation split "
+                    "within limits of the fp32 graph's (defaults: mIoU and F-scores -1 point, normals mean "
+                    "angle +0.5 degrees, depth rmse +2%%).",
     )
     add = parser.add_argument
     add("--run", required=True, metavar="RUN_DIR", help="run directory (model.json + model.safetensors)")
     add("--out", required=True, metavar="REPO_DIR",
         help="Triton model repository to write into: a folder, or s3://bucket/prefix (staged locally, "
              "checked against the bucket's contents, then uploaded with boto3; needs faar[s3])")
-    add("--name", default="faar", help="model name, the folder under REPO_DIR (default: faar)")
+    add("--name", default="", help="model name, the folder under REPO_DIR (default: faar, or faar_gpu with "
+        "--device-kind gpu: config.pbtxt fixes the instance kind for every version of a name)")
     add("--version", type=int, default=1, help="model version folder, >= 1 (default: 1)")
     add("--height", type=int, help="input height, a multiple of 32 (default: the run's size)")
     add("--width", type=int, help="input width, a multiple of 32 (default: the run's size)")
@@ -87,13 +91,33 @@ def export_main(argv: list[str] | None = None) -> int:
     add("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto",
         help="auto (default): torchscript for --fft matmul (fast), dynamo for --fft torch (the only "
              "exporter of FFTs)")
-    add("--fp16", action="store_true",
-        help="float16 weights and compute; inputs, outputs and DFT nodes keep their fp32 types")
+    add("--precision", choices=["fp32", "fp16", "int8"], default=None,
+        help="fp32 (default); fp16: float16 weights and compute (inputs, outputs and the spectral blocks "
+             "stay fp32); int8: static QDQ quantisation calibrated on --calibration, operators whose "
+             "quantisation costs accuracy kept float (measured)")
+    add("--fp16", action="store_true", help="the same as --precision fp16")
+    add("--calibration", default="run", metavar="DIR|run",
+        help="int8 calibration images: 'run' (default: the run's training split, from its config.yaml) or "
+             "a folder of image files")
+    add("--calibration-images", type=int, default=64, metavar="N", help="int8 calibration images (default: 64)")
+    add("--gate-images", type=int, default=64, metavar="N",
+        help="held-out images of the run's validation split for the accuracy gate (default: 64)")
+    add("--gate", action="append", default=[], metavar="TASK=VALUE[%]",
+        help="replace a task's gate limit: how much its headline metric may worsen, in its units or in "
+             "percent of the fp32 value (e.g. semseg=2, depth=5%%); repeatable")
+    add("--data-root", metavar="DIR", help="the run's data.root, if the data moved since training")
     add("--probabilities", action="store_true",
         help="also output TASK_probs (float32 class probabilities) for label tasks")
     add("--max-batch-size", type=int, default=8, help="Triton max_batch_size (default: 8)")
     add("--device-kind", choices=["gpu", "cpu"], default="cpu",
-        help="Triton instance_group kind (default: cpu)")
+        help="Triton instance_group kind (default: cpu); gpu also names the CUDA provider, TF32 off")
+    add("--tf32", action="store_true",
+        help="gpu: let the server use TF32 for fp32 MatMul/Conv (faster on Ampere+, not what parity checked)")
+    add("--queue-timeout-s", type=float, default=10.0,
+        help="Triton rejects a request still queued after this long, or after its own shorter timeout "
+             "(default: 10, the gateway's --triton-timeout-s default)")
+    add("--parity-device", choices=["cpu", "cuda"], default="cpu",
+        help="where the parity gate runs the graph in ONNX Runtime (default: cpu; cuda runs with TF32 off)")
     add("--opset", type=int, help="ONNX opset (default: 18)")
     add("--overwrite", action="store_true", help="replace an existing NAME/VERSION folder")
     add("--s3-endpoint-url", metavar="URL",
@@ -104,10 +128,16 @@ def export_main(argv: list[str] | None = None) -> int:
     from .export import ExportError, ExportOptions, export_run
     from .run import RunError
 
+    if args.fp16 and args.precision not in (None, "fp16"):
+        return _fail(f"--fp16 contradicts --precision {args.precision}")
+    precision = "fp16" if args.fp16 else args.precision or "fp32"
     options = ExportOptions(name=args.name, version=args.version, height=args.height, width=args.width,
-                            fft=args.fft, fp16=args.fp16, max_batch_size=args.max_batch_size,
+                            fft=args.fft, precision=precision, max_batch_size=args.max_batch_size,
                             device_kind=args.device_kind, opset=args.opset, probabilities=args.probabilities,
-                            overwrite=args.overwrite, exporter=args.exporter)
+                            overwrite=args.overwrite, exporter=args.exporter, calibration=args.calibration,
+                            calibration_images=args.calibration_images, gate_images=args.gate_images,
+                            gate=tuple(args.gate), data_root=args.data_root,
+                            queue_timeout_s=args.queue_timeout_s, parity_device=args.parity_device, tf32=args.tf32)
     from .export.storage import export_to_s3, is_object_store
 
     if is_object_store(args.out):
@@ -130,5 +160,65 @@ def export_main(argv: list[str] | None = None) -> int:
     m = result.manifest
     print(json.dumps({"model": str(result.model_dir), "version": args.version, "onnx": str(result.onnx_path),
                       "sha256": m["onnx"]["sha256"], "exporter": m["export"]["exporter"],
-                      "seconds": m["export"]["total_seconds"], "parity": m["parity"]["outputs"]}))
+                      "precision": m["export"]["precision"], "seconds": m["export"]["total_seconds"],
+                      "parity": m["parity"]["outputs"], "gate": _gate_summary(m["parity"]["gate"])}))
+    return 0
+
+
+def _gate_summary(gate: dict | None) -> dict | None:
+    """Per task: metric, fp32 -> this graph, limit (the manifest has the rest)."""
+    if gate is None:
+        return None
+    def num(x: float | None) -> str:
+        return "nan" if x is None else f"{x:.4g}"
+
+    return {t: f"{v['metric']} {num(v['fp32'])} -> {num(v['candidate'])} (limit {v['limit']})"
+            for t, v in gate["tasks"].items()}
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="faar-eval",
+        description="Task metrics of an exported model on a dataset split, through the gateway's own image "
+                    "path (resize in, ONNX Runtime, resize maps back to each label's size) and the training "
+                    "metrics; with --run, the run's PyTorch model on the same pixels and the differences.",
+    )
+    add = parser.add_argument
+    add("--model-repository", required=True, metavar="REPO_DIR", help="model repository written by faar-export")
+    add("--name", default="faar", help="model name under REPO_DIR (default: faar)")
+    add("--version", type=int, help="model version (default: the newest)")
+    add("--config", help="preset or YAML whose data section names the dataset (default with --run: "
+                         "RUN_DIR/config.yaml)")
+    add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="dotted config override, e.g. data.root=/data/PASCAL_MT (repeatable)")
+    add("--split", help="dataset split (default: the config's data.val_split)")
+    add("--run", metavar="RUN_DIR", help="also evaluate this run's PyTorch model and print the differences")
+    add("--limit", type=int, help="evaluate the first N images only")
+    add("--batch-size", type=int, default=8, help="images per ONNX Runtime call (default: 8)")
+    add("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="ONNX Runtime device (default: cpu)")
+    add("--out", metavar="JSON", help="write the report here as JSON")
+    args = parser.parse_args(argv)
+
+    from .evaluation import EvalError, evaluate_export, format_table
+    from .run import RunError
+
+    if args.limit is not None and args.limit < 1:
+        return _fail(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        return _fail(f"--batch-size must be >= 1, got {args.batch_size}")
+    config = args.config or (str(Path(args.run) / "config.yaml") if args.run else None)
+    if config is None:
+        return _fail("--config is required without --run (it names the dataset)")
+    try:
+        cfg = load_config(config, args.overrides)
+        report = evaluate_export(args.model_repository, cfg.data, args.split, args.name, args.version, args.run,
+                                 args.limit, args.batch_size, args.device)
+    except (ConfigError, EvalError, RunError, ValueError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    print(format_table(report))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({"images": report["data"]["images"], "out": args.out}))
     return 0

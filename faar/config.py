@@ -2,8 +2,12 @@
 
 A preset may name a ``base`` preset it extends. Command-line overrides are dotted
 ``key=value`` pairs whose values are parsed as YAML (``model.img_size=[512,512]``).
-Unknown keys anywhere are errors that name the full dotted key, so a typo never
-silently trains the wrong model.
+Every value is checked when the config is loaded, against its annotation: types,
+``Literal`` choices and the ranges declared with ``Check`` (ranks >= 1, rho in (0, 1],
+input sizes multiples of 32...), plus the cross-references between sections (loss
+weights, single-task numbers and class counts must name model tasks). Errors name the
+full dotted key, so a typo never silently trains the wrong model and a bad value never
+waits for the backbone to be built.
 """
 
 from __future__ import annotations
@@ -11,16 +15,44 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+
+from .adapters import ForwardMode
+from .spectral import FFTBackend, SpectralFilter
+from .tasks import TASKS
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be applied."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """A condition on a loaded value, with the words that complete "must be ..."."""
+
+    test: Callable[[Any], bool]
+    words: str
+
+
+PositiveInt = Annotated[int, Check(lambda v: v >= 1, ">= 1")]
+NonNegativeInt = Annotated[int, Check(lambda v: v >= 0, ">= 0")]
+PositiveFloat = Annotated[float, Check(lambda v: v > 0, "> 0")]
+NonNegativeFloat = Annotated[float, Check(lambda v: v >= 0, ">= 0")]
+Fraction = Annotated[float, Check(lambda v: 0 < v <= 1, "in (0, 1]")]
+Probability = Annotated[float, Check(lambda v: 0 <= v < 1, "in [0, 1)")]
+ImageSize = Annotated[
+    list[Annotated[int, Check(lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32")]],
+    Check(lambda v: len(v) == 2, "[height, width]"),
+]
+TaskName = Annotated[str, Check(lambda v: v in TASKS, f"a known task ({', '.join(TASKS)})")]
+SharedTarget = Literal["qkv", "proj", "fc1", "fc2"]
+TaskTarget = Literal["proj", "fc1", "fc2"]  # qkv is computed once per block, on the shared stream
 
 
 @dataclass
@@ -28,15 +60,15 @@ class AdapterConfig:
     """Adapter placement and form (MTLoRA's layout; see backbone.py)."""
 
     kind: Literal["lora", "dora", "none"] = "dora"
-    targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
-    task_targets: list[str] = field(default_factory=lambda: ["proj", "fc1", "fc2"])
-    rank_shared: int = 64
-    rank_task: int = 64
-    scale_shared: float = 4.0
-    scale_task: float = 4.0
+    targets: list[SharedTarget] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+    task_targets: list[TaskTarget] = field(default_factory=lambda: ["proj", "fc1", "fc2"])
+    rank_shared: PositiveInt = 64
+    rank_task: PositiveInt = 64
+    scale_shared: PositiveFloat = 4.0
+    scale_task: PositiveFloat = 4.0
     # DoRA training forward: "fused" builds the merged weight then runs one linear
     # (fast where tokens are many), "unmerged" runs base + low-rank paths.
-    forward: Literal["fused", "unmerged"] = "fused"
+    forward: ForwardMode = "fused"
     # MTLoRA also puts shared adapters in the very last block, whose shared output
     # nothing reads; only needed to reproduce its parameter count.
     final_shared: bool = False
@@ -49,12 +81,16 @@ class DecoderConfig:
     # "merged": MTLoRA's taps, stage outputs after the next patch merging
     # (strides 8, 16, 32, 32); "stages": plain stage outputs (strides 4..32).
     taps: Literal["merged", "stages"] = "merged"
-    branch_channels: list[int] = field(default_factory=lambda: [18, 36, 72, 144])
-    hidden_ratio: int = 4
+    branch_channels: Annotated[list[PositiveInt], Check(lambda v: len(v) == 4, "four values (one per stage)")] = \
+        field(default_factory=lambda: [18, 36, 72, 144])
+    hidden_ratio: PositiveInt = 4
     spectral: bool = True
+    # CW-SP filter form (spectral.py): "channel" (as published: a filter per channel, added
+    # to the input through a learned scale) or "shared" (one filter per task and level).
+    spectral_filter: SpectralFilter = "channel"
     xt_cons: bool = True
-    fft: Literal["torch", "matmul"] = "torch"
-    low_freq_radius: float = 0.25
+    fft: FFTBackend = "torch"
+    low_freq_radius: Annotated[float, Check(lambda v: 0 < v < 1.5, "in (0, 1.5)")] = 0.25
 
 
 @dataclass
@@ -62,11 +98,13 @@ class ModelConfig:
     backbone: str = "swin_tiny_patch4_window7_224"
     pretrained: bool = False
     backbone_weights: str | None = None
-    img_size: list[int] = field(default_factory=lambda: [448, 448])
-    drop_path_rate: float = 0.1
-    tasks: list[str] = field(default_factory=lambda: ["semseg", "human_parts", "saliency", "normals"])
+    img_size: ImageSize = field(default_factory=lambda: [448, 448])
+    drop_path_rate: Probability = 0.1
+    tasks: Annotated[list[TaskName], Check(lambda v: len(v) >= 1 and len(set(v)) == len(v),
+                                           "a non-empty list without repeats")] = \
+        field(default_factory=lambda: ["semseg", "human_parts", "saliency", "normals"])
     # Overrides of the registry's channel count per label task (e.g. NYUD semseg: 40).
-    num_classes: dict[str, int] = field(default_factory=dict)
+    num_classes: dict[str, PositiveInt] = field(default_factory=dict)
     # Backbone parameters trained besides adapters (name fragments, MTLoRA's set),
     # or ["all"] for full fine-tuning.
     trainable: list[str] = field(
@@ -81,12 +119,15 @@ class PDRSConfig:
     """Performance-Driven Rank Shrinking (see pdrs.py)."""
 
     enabled: bool = True
-    rho_shared: float = 0.95
-    rho_task: float = 0.95
-    beta: float = 0.9
-    min_rank: int = 1
+    rho_shared: Fraction = 0.95
+    rho_task: Fraction = 0.95
+    beta: Probability = 0.9
+    # An adapter keeps min(rank, K + margin) components, never fewer than min_rank (the
+    # floor), where K covers rho of its score. FAAR's release: margin 1, floor 2.
+    margin: NonNegativeInt = 1
+    min_rank: PositiveInt = 2
     # Shrink at the end of these epochs (1-based); empty means every epoch.
-    epochs: list[int] = field(default_factory=list)
+    epochs: list[PositiveInt] = field(default_factory=list)
 
 
 @dataclass
@@ -96,26 +137,30 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     # scenes only: how many images to generate per split, and the seed.
-    num_train: int = 512
-    num_val: int = 64
+    num_train: PositiveInt = 512
+    num_val: PositiveInt = 64
     seed: int = 0
+    # scenes only: drop each label of each training image with this probability
+    # (partially labelled data; validation keeps every label).
+    label_drop: Probability = 0.0
     augment: bool = True
-    workers: int = 0
+    workers: NonNegativeInt = 0
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 300
-    batch_size: int = 32
-    lr: float = 5e-4
-    weight_decay: float = 1e-4
-    warmup_epochs: int = 0
-    loss_weights: dict[str, float] = field(default_factory=dict)
+    epochs: PositiveInt = 300
+    batch_size: PositiveInt = 32
+    lr: PositiveFloat = 5e-4
+    weight_decay: NonNegativeFloat = 1e-4
+    warmup_epochs: NonNegativeInt = 0
+    loss_weights: dict[str, NonNegativeFloat] = field(default_factory=dict)
     seed: int = 0
     amp: bool = True
-    eval_every: int = 1
-    # Single-task numbers for the delta_m metric, per task per metric.
-    single_task: dict[str, dict[str, float]] = field(default_factory=dict)
+    eval_every: PositiveInt = 1
+    # Single-task numbers for the delta_m metric, per task per metric: a dataset's table,
+    # of which delta_m uses the model's tasks (a single-task run compares on its one task).
+    single_task: dict[TaskName, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -131,57 +176,74 @@ class Config:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``, building nested dataclasses."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return _build(tp, value, key)
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _checked(value, tp, key)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError("; ".join(errors))
+        return _union(value, typing.get_args(tp), key)
     if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(str(k), key_tp, f"{key}.{k}"): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
+    return _scalar(value, tp, key)
+
+
+def _checked(value: Any, tp: Any, key: str) -> Any:
+    base, *checks = typing.get_args(tp)
+    value = _coerce(value, base, key)
+    for check in checks:
+        if isinstance(check, Check) and not check.test(value):
+            raise ConfigError(f"{key}: {value!r} must be {check.words}")
     return value
 
 
+def _union(value: Any, args: tuple[Any, ...], key: str) -> Any:
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, key)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    raise ConfigError("; ".join(errors))
+
+
+# Scalar annotations: what a YAML value must be, and the words for the error.
+_SCALARS: dict[type, tuple[Callable[[Any], bool], str]] = {
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _scalar(value: Any, tp: Any, key: str) -> Any:
+    if tp not in _SCALARS:
+        return value
+    accepts, words = _SCALARS[tp]
+    if not accepts(value):
+        raise ConfigError(f"{key}: expected {words}, got {value!r}")
+    return float(value) if tp is float else value
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -247,7 +309,27 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    return _build(Config, raw)
+    """A checked ``Config`` from plain data (a loaded YAML mapping)."""
+    cfg = _build(Config, raw)
+    _check_task_references(cfg)
+    return cfg
+
+
+def model_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
+    """A checked ``ModelConfig`` (the ``model`` section alone, e.g. from a run's ``model.json``)."""
+    return _build(ModelConfig, raw, "model")
+
+
+def _check_task_references(cfg: Config) -> None:
+    """Sections that name tasks may name only the model's tasks."""
+    tasks = set(cfg.model.tasks)
+    for key, names in (("model.num_classes", cfg.model.num_classes), ("train.loss_weights", cfg.train.loss_weights)):
+        unknown = sorted(set(names) - tasks)
+        if unknown:
+            raise ConfigError(f"{key}.{unknown[0]}: '{unknown[0]}' is not one of model.tasks {cfg.model.tasks}")
+    unlabelled = sorted(t for t in cfg.model.num_classes if not TASKS[t].classes)
+    if unlabelled:
+        raise ConfigError(f"model.num_classes.{unlabelled[0]}: '{unlabelled[0]}' has no classes")
 
 
 def dump_config(cfg: Config) -> str:

@@ -8,7 +8,9 @@ give the task's output.
 TS-PD sits between the branch projections and the fusion, at every resolution of the
 pyramid: there every task's map has the same channel count, so one
 ``TaskSpectralBlock`` per resolution filters each task (CW-SP) and aligns it with the
-others (XT-Cons). ``decoder.spectral: false`` removes it for ablations.
+others (XT-Cons). ``decoder.spectral_filter`` picks the CW-SP form (spectral.py:
+``channel`` as published, ``shared`` the lighter one); ``decoder.spectral: false``
+removes TS-PD for ablations.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class MultiTaskDecoder(nn.Module):
         self.spectral = None
         if cfg.spectral:
             self.spectral = nn.ModuleList(
-                TaskSpectralBlock(len(tasks), co, size, cfg.fft, cfg.xt_cons, cfg.low_freq_radius)
+                TaskSpectralBlock(len(tasks), co, size, cfg.fft, cfg.xt_cons, cfg.low_freq_radius, cfg.spectral_filter)
                 for co, size in zip(cfg.branch_channels, feat_sizes, strict=True)
             )
         self.heads = nn.ModuleDict({t: FusionHead(sum(cfg.branch_channels), n, cfg.hidden_ratio)

@@ -2,6 +2,11 @@
 
 Label conventions (``faar/data/transforms.py``): class maps and binary maps use 255 for
 "no label"; normals are all-zero where unlabelled; depth is 0 where unlabelled.
+
+Every loss is the mean over the batch's labelled pixels, and 0 (with a zero gradient)
+when the batch has none: a sample without a task's label (all pixels unlabelled) adds
+nothing to that task's loss, so a partially labelled batch trains each task exactly as
+its labelled samples alone would (tests/test_train.py checks the gradients).
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ IGNORE_INDEX = 255
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Pixel-wise cross-entropy over labelled pixels (semantic segmentation, parts)."""
-    return F.cross_entropy(logits, target.long(), ignore_index=IGNORE_INDEX)
+    target = target.long()
+    total = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (target != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def balanced_bce(logits: torch.Tensor, target: torch.Tensor, pos_weight: float | None) -> torch.Tensor:

@@ -4,10 +4,19 @@ Every meter keeps only fixed-size accumulators (confusion matrices, per-threshol
 so memory does not grow with the evaluation set, and sums them across processes in ``all_reduce``.
 Percentages (mIoU, accuracies, F-scores, shares) are reported in percent, as the papers print them.
 
-Where this module departs from the reference code (scale-lab/MTLoRA ``evaluation/``) on purpose:
-- label tasks: a class absent from both ground truth and prediction over the whole set is left out of
-  the mean (the reference counts it as IoU 0). On the full PASCAL-Context and NYUD val sets every
-  class occurs, so the numbers agree there; on small subsets ours is not dragged down by empty classes.
+The published names follow MTI-Net's / ASTMT's evaluation code (``evaluation/eval_*.py``), where the
+published PASCAL-Context and NYUDv2 numbers come from; a variant keeps its own explicit name:
+- label tasks: ``miou`` averages the IoU of *every* class, a class absent from both ground truth and
+  prediction counting 0, as the reference does; ``miou_present`` leaves such classes out (on a small
+  subset it is not dragged down by classes that never occur).
+- saliency: ``maxf`` is F = 2PR/(P+R) of the image-averaged precision and recall at each of the 15
+  thresholds, the max kept; ``maxf_beta`` is F-beta (beta^2 = 0.3, the salient-object literature's
+  weighting) of the same averages, ``maxf_beta_pooled`` F-beta of precision and recall from pixel counts
+  pooled over the set (MTLoRA's "Beta maxF", without its second sigmoid).
+- depth: ``rmse`` and ``log_rmse`` (MTI-Net's pair: pixels pooled over the set, the prediction clamped
+  to 1e-9 before the log), plus ``abs_rel`` and ``delta1``.
+
+Where this module departs from the reference code on purpose:
 - saliency: thresholds apply to the sigmoid probability itself (the reference first rounds it to
   uint8); pixels labelled 255 are ignored; images without a valid pixel are skipped.
 - normals: errors use ``2*atan2(|p-g|, |p+g|)`` on normalised vectors (accurate near 0 degrees);
@@ -31,7 +40,7 @@ if TYPE_CHECKING:  # tasks.py builds its kinds from the meters below
     from .tasks import TaskSpec
 
 # Metrics where smaller is better; every other metric compared by ``delta_m`` is higher-is-better.
-LOWER_IS_BETTER: frozenset[str] = frozenset({"mean", "median", "rmse", "abs_rel", "loss"})
+LOWER_IS_BETTER: frozenset[str] = frozenset({"mean", "median", "rmse", "log_rmse", "abs_rel", "loss"})
 
 # ASTMT / MTI-Net / MTLoRA: 15 thresholds 0.20, 0.25, ..., 0.90.
 SALIENCY_THRESHOLDS: tuple[float, ...] = tuple(0.2 + 0.05 * i for i in range(15))
@@ -39,6 +48,7 @@ SALIENCY_BETA2 = 0.3  # F-beta weighting used for salient-object detection
 # SEISM uses 99 thresholds and a match distance of 0.0075 of the image diagonal.
 EDGE_THRESHOLDS: tuple[float, ...] = tuple(i / 100 for i in range(1, 100))
 EDGE_TOLERANCE = 0.0075
+DEPTH_LOG_FLOOR = 1e-9  # MTI-Net clamps the predicted depth to this before the log
 NORMALS_BIN_DEG = 0.01  # histogram bin for the median: reported median is within 0.005 degrees
 NORMALS_WITHIN = (11.25, 22.5, 30.0)
 
@@ -106,15 +116,18 @@ class ConfusionMeter(Meter):
         self.state["confusion"] += counts.view(self.n, self.n)
 
     def compute(self) -> dict[str, float]:
+        """``miou`` over every class (absent = 0), ``miou_present`` over present ones; NaN if no pixel was seen."""
         cm = self.state["confusion"].double().cpu()
         tp = cm.diag()
         union = cm.sum(0) + cm.sum(1) - tp
         present = union > 0
         iou = tp[present] / union[present] * 100
         total = cm.sum()
+        seen = bool(total > 0)
         out = {
-            "miou": iou.mean().item() if present.any() else math.nan,
-            "pixel_acc": (tp.sum() / total * 100).item() if total > 0 else math.nan,
+            "miou": iou.sum().item() / self.n if seen else math.nan,
+            "miou_present": iou.mean().item() if seen else math.nan,
+            "pixel_acc": (tp.sum() / total * 100).item() if seen else math.nan,
             "classes_present": float(present.sum()),
         }
         # Absent classes get no key: an IoU of 0/0 is not a measurement.
@@ -129,9 +142,9 @@ class SaliencyMeter(Meter):
     Per threshold t (strictly ``prob > t``) and image: IoU (1 when prediction and truth are both empty,
     as ASTMT's ``jaccard``), precision and recall (0 when their denominator is 0). ``miou`` is the max
     over thresholds of the image-averaged IoU, ``miou_threshold`` its argmax. ``maxf`` is the max over
-    thresholds of F-beta (beta^2 = 0.3) of the *image-averaged* precision and recall (ASTMT's
-    aggregation); ``maxf_pooled`` uses precision/recall from pixel counts pooled over the whole set
-    (MTLoRA's "Beta maxF" aggregation, without its second sigmoid).
+    thresholds of F = 2PR/(P+R) of the *image-averaged* precision and recall (MTI-Net's and ASTMT's
+    code); ``maxf_beta`` the same with F-beta (beta^2 = 0.3); ``maxf_beta_pooled`` F-beta of precision and
+    recall from pixel counts pooled over the whole set (MTLoRA's "Beta maxF", without its second sigmoid).
     """
 
     def __init__(self, spec: TaskSpec) -> None:
@@ -177,7 +190,7 @@ class SaliencyMeter(Meter):
     def compute(self) -> dict[str, float]:
         s = {k: v.double().cpu() for k, v in self.state.items()}
         if s["images"] == 0:
-            return {"miou": math.nan, "miou_threshold": math.nan, "maxf": math.nan, "maxf_pooled": math.nan}
+            return dict.fromkeys(("miou", "miou_threshold", "maxf", "maxf_beta", "maxf_beta_pooled"), math.nan)
         miou = s["iou_sum"] / s["images"]
         best = int(miou.argmax())
         prec, rec = s["prec_sum"] / s["images"], s["rec_sum"] / s["images"]
@@ -185,8 +198,9 @@ class SaliencyMeter(Meter):
         return {
             "miou": miou[best].item() * 100,
             "miou_threshold": SALIENCY_THRESHOLDS[best],
-            "maxf": _fbeta(prec, rec, SALIENCY_BETA2).max().item() * 100,
-            "maxf_pooled": _fbeta(pooled_prec, pooled_rec, SALIENCY_BETA2).max().item() * 100,
+            "maxf": _fbeta(prec, rec, 1.0).max().item() * 100,
+            "maxf_beta": _fbeta(prec, rec, SALIENCY_BETA2).max().item() * 100,
+            "maxf_beta_pooled": _fbeta(pooled_prec, pooled_rec, SALIENCY_BETA2).max().item() * 100,
         }
 
 
@@ -305,7 +319,8 @@ class NormalsMeter(Meter):
 
 
 class DepthMeter(Meter):
-    """Depth: rmse (metres), abs-rel error, share with max(p/g, g/p) < 1.25 (percent), over label > 0."""
+    """Depth over label > 0: rmse (metres), log-rmse (natural log; MTI-Net's, the prediction clamped to
+    1e-9), abs-rel error, share with max(p/g, g/p) < 1.25 (percent); pixels pooled over the set."""
 
     def __init__(self, spec: TaskSpec) -> None:
         self.spec = spec
@@ -313,8 +328,9 @@ class DepthMeter(Meter):
 
     def _zeros(self) -> dict[str, torch.Tensor]:
         f64 = torch.float64
-        return {"sum_sq": torch.zeros((), dtype=f64), "sum_abs_rel": torch.zeros((), dtype=f64),
-                "delta1": torch.zeros((), dtype=torch.int64), "pixels": torch.zeros((), dtype=torch.int64)}
+        return {"sum_sq": torch.zeros((), dtype=f64), "sum_sq_log": torch.zeros((), dtype=f64),
+                "sum_abs_rel": torch.zeros((), dtype=f64), "delta1": torch.zeros((), dtype=torch.int64),
+                "pixels": torch.zeros((), dtype=torch.int64)}
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         valid = depth_valid(target)
@@ -322,6 +338,7 @@ class DepthMeter(Meter):
         g = target[valid].double()
         s = self.state
         s["sum_sq"] += ((p - g) ** 2).sum()
+        s["sum_sq_log"] += ((g.log() - p.clamp(min=DEPTH_LOG_FLOOR).log()) ** 2).sum()
         s["sum_abs_rel"] += ((p - g).abs() / g).sum()
         s["delta1"] += (torch.maximum(p / g, g / p) < 1.25).sum()  # p = 0 gives inf: not within
         s["pixels"] += valid.sum()
@@ -329,8 +346,9 @@ class DepthMeter(Meter):
     def compute(self) -> dict[str, float]:
         n = int(self.state["pixels"])
         if n == 0:
-            return {"rmse": math.nan, "abs_rel": math.nan, "delta1": math.nan}
+            return dict.fromkeys(("rmse", "log_rmse", "abs_rel", "delta1"), math.nan)
         return {"rmse": math.sqrt(self.state["sum_sq"].item() / n),
+                "log_rmse": math.sqrt(self.state["sum_sq_log"].item() / n),
                 "abs_rel": self.state["sum_abs_rel"].item() / n,
                 "delta1": int(self.state["delta1"]) / n * 100}
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import AdapterLinear, adapters_of
+from .adapters import AdapterLinear, adapters_of, is_adapter_param
 from .backbone import MultiTaskSwin, create_swin
 from .config import ModelConfig
 from .decoder import MultiTaskDecoder
@@ -109,16 +109,11 @@ def set_trainable(model: FAARModel, trainable: Sequence[str]) -> None:
     for name, p in model.backbone.named_parameters():
         if id(p) in adapter_bases:
             p.requires_grad_(False)
-        elif _is_adapter_param(name):
+        elif is_adapter_param(name):
             p.requires_grad_(True)
         else:
             p.requires_grad_("all" in trainable or any(frag in name for frag in trainable))
     model.decoder.requires_grad_(True)
-
-
-def _is_adapter_param(name: str) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return leaf in ("lora_A", "lora_B", "magnitude")
 
 
 def parameter_summary(model: nn.Module) -> dict:
@@ -131,7 +126,7 @@ def parameter_summary(model: nn.Module) -> dict:
             continue
         trainable += p.numel()
         if name.startswith("backbone."):
-            groups["adapters" if _is_adapter_param(name) else "other_backbone"] += p.numel()
+            groups["adapters" if is_adapter_param(name) else "other_backbone"] += p.numel()
         elif ".spectral." in name:
             groups["spectral"] += p.numel()
         else:

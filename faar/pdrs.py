@@ -7,9 +7,14 @@ gradient *is* the importance ``s_i = 0.5 * (|<A_i, dL/dA_i>| + |<B_:,i, dL/dB_:,
 of every active rank (both halves equal ``dL/dgate_i``, see adapters.py), so no extra
 backward is needed. Scores are an EMA over steps (``beta``), active ranks only.
 
-At the end of a shrink epoch each adapter keeps the smallest set of ranks whose score
-covers ``rho`` of its total (``rho_shared`` or ``rho_task``), never fewer than
-``min_rank``. Kept components move to the front in score order, the tensors are
+At the end of a shrink epoch each adapter finds the smallest number ``K`` of ranks whose
+score covers ``rho`` of its total (``rho_shared`` or ``rho_task``) and keeps
+``min(rank, K + margin)`` of them, never fewer than ``min_rank`` (the floor). FAAR's
+release shrinks the same way with margin 1 and floor 2 (our defaults too): shrinking
+happens at every epoch end and never grows back, so with no margin the coverage set
+of the *current* ranks is taken again and again, and over 300 epochs at rho 0.95 ranks
+can ratchet down to 1; the margin keeps one spare component per adapter and the floor
+stops the ratchet at 2. Kept components move to the front in score order, the tensors are
 sliced (memory and FLOPs really drop), and the optimizer moments are sliced with them
 (FAAR's release keeps pruned ranks in memory and drops the moments; we do neither).
 
@@ -76,13 +81,15 @@ class PDRS:
         self._active.clear()
 
     def keep_count(self, score: torch.Tensor, rho: float) -> int:
-        """Smallest K whose top-K scores cover ``rho`` of the total (at least ``min_rank``)."""
+        """How many ranks to keep: the smallest K whose top-K scores cover ``rho`` of the total,
+        plus ``margin``, at most the current rank and at least ``min_rank``."""
+        rank = score.numel()
         total = score.sum()
         if not torch.isfinite(total) or total <= 0:
-            return score.numel()  # nothing learned yet: keep everything
+            return rank  # nothing learned yet: keep everything
         cum = score.sort(descending=True).values.cumsum(0) / total
         k = int((cum < rho).sum()) + 1
-        return max(min(k, score.numel()), min(self.cfg.min_rank, score.numel()))
+        return max(min(k + self.cfg.margin, rank), min(self.cfg.min_rank, rank))
 
     @torch.no_grad()
     def shrink(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, tuple[int, int]]:

@@ -4,10 +4,18 @@
     RUN_DIR/model.safetensors    weights (adapters at their current, shrunk ranks)
     RUN_DIR/model.json           what rebuilds the model without the config file:
                                  format version, model config, class names, ranks
-    RUN_DIR/state/               resumable training state (train.py)
+    RUN_DIR/state/epoch-NNNN/    resumable training state: weights.safetensors,
+                                 optimizer.safetensors (AdamW moments), pdrs.safetensors
+                                 (importance scores), state.json (counters, ranks, history)
+    RUN_DIR/state/LATEST         the name of the last complete state folder
     RUN_DIR/metrics.json, ranks.json, ranks.png
 
-Nothing here unpickles: weights are safetensors, everything else JSON or YAML.
+A state folder is written to a temporary folder and renamed, then ``LATEST`` replaced
+atomically, so ``kill -9`` at any moment leaves the last good epoch. Nothing here
+unpickles: weights are safetensors, everything else JSON or YAML.
+
+Run format 2 added ``decoder.spectral_filter`` (default ``channel``); a format-1
+``model.json`` predates it and is read as ``shared``, the only form then.
 """
 
 from __future__ import annotations
@@ -15,21 +23,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig, _build
+from .config import ConfigError, model_config_from_dict
 from .model import FAARModel, build_model
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_FORMATS = (1, 2)
 MODEL_FILE = "model.safetensors"
 META_FILE = "model.json"
+STATE_DIR = "state"
 
 
 class RunError(ValueError):
@@ -118,8 +130,10 @@ def read_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise RunError(f"{run_dir / META_FILE} is not valid JSON: {exc}") from exc
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise RunError(f"{run_dir} has run format {version!r}; this faar reads format {FORMAT_VERSION}")
+    if version not in READS_FORMATS:
+        raise RunError(f"{run_dir} has run format {version!r}; this faar reads formats {list(READS_FORMATS)}")
+    if version == 1:
+        meta.get("model", {}).get("decoder", {}).setdefault("spectral_filter", "shared")
     return meta
 
 
@@ -128,11 +142,100 @@ def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
     try:
-        cfg = _build(ModelConfig, meta["model"], "model")
-    except (KeyError, ValueError) as exc:
+        cfg = model_config_from_dict(meta["model"])
+    except (KeyError, ConfigError) as exc:
         raise RunError(f"{run_dir / META_FILE}: bad model description: {exc}") from exc
     classes = {t: v["classes"] for t, v in meta["tasks"].items() if v.get("classes")}
     model = build_model(cfg, classes=classes, load_weights=False)
     model.set_ranks(meta["ranks"])
     load_state_dict_shared(model, load_file(str(run_dir / MODEL_FILE)), str(run_dir / MODEL_FILE))
     return model.to(device).eval()
+
+
+# --- resumable training state ------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """What ``save_state`` wrote for one epoch, read back (tensors on the CPU)."""
+
+    path: Path
+    epoch: int
+    step: int
+    ranks: dict[str, int]
+    history: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]  # an ``Optimizer.state_dict()``
+    pdrs: dict[str, torch.Tensor]
+    scaler: dict[str, Any] | None
+
+
+def save_state(run_dir: Path, epoch: int, step: int, model: FAARModel, optimizer: torch.optim.Optimizer,
+               pdrs: dict[str, torch.Tensor], scaler: dict[str, Any] | None, history: dict[str, Any]) -> None:
+    """Write ``state/epoch-NNNN`` for ``epoch``, point ``state/LATEST`` at it, drop older epochs."""
+    state_root = run_dir / STATE_DIR
+    state_root.mkdir(parents=True, exist_ok=True)
+    final = state_root / f"epoch-{epoch:04d}"
+    tmp = state_root / f".epoch-{epoch:04d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(state_dict_for_save(model), str(tmp / "weights.safetensors"))
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    save_file(pdrs, str(tmp / "pdrs.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({
+        "epoch": epoch, "step": step, "ranks": model.ranks(), "optimizer": opt_meta, "scaler": scaler,
+        "history": history,
+    }))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with atomic_path(state_root / "LATEST") as p:
+        p.write_text(final.name)
+    for old in state_root.glob("epoch-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_state(run_dir: Path) -> Path | None:
+    """The last complete state folder of a run, or None."""
+    root = run_dir / STATE_DIR
+    pointer = root / "LATEST"
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if (path / "state.json").is_file():
+            return path
+    complete = sorted(p for p in root.glob("epoch-*") if (p / "state.json").is_file())
+    return complete[-1] if complete else None
+
+
+def load_state(path: Path) -> TrainState:
+    """Read a state folder written by ``save_state``."""
+    meta = json.loads((path / "state.json").read_text())
+    optimizer = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
+    return TrainState(path=path, epoch=meta["epoch"], step=meta["step"], ranks=meta["ranks"], history=meta["history"],
+                      weights=load_file(str(path / "weights.safetensors")), optimizer=optimizer,
+                      pdrs=load_file(str(path / "pdrs.safetensors")), scaler=meta["scaler"])
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer state dict as safetensors tensors (``"<param index>.<name>"``) plus JSON metadata."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, _, name = key.partition(".")
+        state.setdefault(int(idx), {})[name] = v
+    return {"state": state, "param_groups": meta["param_groups"]}

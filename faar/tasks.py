@@ -28,6 +28,7 @@ KindName = Literal["labels", "probability", "normals", "depth"]
 Resample = Literal["classes", "binary", "normals", "depth"]
 # Label maps are uint8 and 255 is the datasets' "ignore" label, so 255 classes at most.
 MAX_CLASSES = 255
+PROB_EPS = 1e-7  # probabilities handed to a meter as logits are clipped to [PROB_EPS, 1 - PROB_EPS]
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,19 @@ class TaskKind:
         """The tensors of ``outputs`` (same order) from the raw output, as the graph computes them."""
         return [self.postprocess(pred)[:, 0]]
 
+    def raw_from_map(self, spec: TaskSpec, final: torch.Tensor) -> torch.Tensor:
+        """The exported map (``outputs()[0]``, batch axis first) -> a raw output whose
+        ``postprocess`` gives the map back, so the meters can score exported models."""
+        return final.float()[:, None]
+
     def manifest_fields(self, spec: TaskSpec) -> dict[str, Any]:
         """Kind-specific manifest fields that tell a client how to read the map."""
         raise NotImplementedError
+
+    def unlabelled(self, spec: TaskSpec, size: tuple[int, int]) -> torch.Tensor:
+        """The training target of a sample that lacks this task's label: every pixel unlabelled,
+        shaped as ``transform_sample`` shapes a real one ((1, H, W) here)."""
+        return torch.full((1, *size), float(IGNORE_INDEX))
 
     def baseline_sums(self, spec: TaskSpec, target: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Sufficient statistics of one target batch for the input-blind baseline."""
@@ -117,8 +128,18 @@ class LabelsKind(TaskKind):
         maps = [self.postprocess(pred).to(torch.uint8)]
         return maps + [self.activate(pred)] if probabilities else maps
 
+    def raw_from_map(self, spec: TaskSpec, final: torch.Tensor) -> torch.Tensor:
+        """One-hot scores: their argmax is the class index."""
+        index = final.long()
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= spec.channels):
+            raise ValueError(f"{spec.name}: class index outside [0, {spec.channels})")
+        return F.one_hot(index, spec.channels).movedim(-1, 1).float()
+
     def manifest_fields(self, spec: TaskSpec) -> dict[str, Any]:
         return {"classes": list(spec.classes), "palette": palette(spec.channels)}
+
+    def unlabelled(self, spec: TaskSpec, size: tuple[int, int]) -> torch.Tensor:
+        return torch.full(size, IGNORE_INDEX, dtype=torch.long)
 
     def baseline_sums(self, spec: TaskSpec, target: torch.Tensor) -> tuple[torch.Tensor, int]:
         labels = target.long()[target != IGNORE_INDEX]
@@ -147,6 +168,10 @@ class ProbabilityKind(TaskKind):
     def manifest_fields(self, spec: TaskSpec) -> dict[str, Any]:
         return {"range": [0.0, 1.0]}
 
+    def raw_from_map(self, spec: TaskSpec, final: torch.Tensor) -> torch.Tensor:
+        """``logit(p)``, p clipped to [1e-7, 1 - 1e-7] (sigmoid gives p back to float32 precision)."""
+        return torch.logit(final.float().clamp(PROB_EPS, 1 - PROB_EPS))[:, None]
+
     def baseline_output(self, spec: TaskSpec, total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """The logit of the mean positive rate."""
         return torch.logit((total / count.clamp(min=1)).clamp(1e-6, 1 - 1e-6))
@@ -173,8 +198,15 @@ class NormalsKind(TaskKind):
     def export_maps(self, spec: TaskSpec, pred: torch.Tensor, probabilities: bool) -> list[torch.Tensor]:
         return [self.postprocess(pred)]
 
+    def raw_from_map(self, spec: TaskSpec, final: torch.Tensor) -> torch.Tensor:
+        """Unit normals as they are: normalising is idempotent."""
+        return final.float()
+
     def manifest_fields(self, spec: TaskSpec) -> dict[str, Any]:
         return {"convention": spec.description}
+
+    def unlabelled(self, spec: TaskSpec, size: tuple[int, int]) -> torch.Tensor:
+        return torch.zeros(3, *size)
 
     def baseline_sums(self, spec: TaskSpec, target: torch.Tensor) -> tuple[torch.Tensor, int]:
         vectors = target.movedim(1, -1)[normals_valid(target)[:, 0]].double()
@@ -202,6 +234,9 @@ class DepthKind(TaskKind):
 
     def manifest_fields(self, spec: TaskSpec) -> dict[str, Any]:
         return {"units": spec.units}
+
+    def unlabelled(self, spec: TaskSpec, size: tuple[int, int]) -> torch.Tensor:
+        return torch.zeros(1, *size)
 
     def baseline_sums(self, spec: TaskSpec, target: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The mean labelled depth: the constant with the least rmse."""

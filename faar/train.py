@@ -1,24 +1,29 @@
 """Training: the loop, PDRS shrinking, evaluation, and a resumable run directory.
 
-``train(cfg, out_dir)`` is what ``faar-train`` calls. Single process on CPU or one GPU
-(AMP on CUDA), or several processes under ``torchrun`` (DistributedDataParallel; gloo
-on CPU, nccl on GPU; rank 0 writes). Reproducible resume: the data order, the
-augmentations and PDRS's prefix draws are seeded per epoch and the learning rate is a
-pure function of the step, so a run killed at any point and resumed from its last
-saved epoch follows the same path.
+``train(cfg, out_dir)`` is what ``faar-train`` calls: a ``Trainer`` is set up (data, model,
+optimizer, AMP, PDRS, restored state), then every epoch is one pass over the training set
+(``train_epoch``) and its end (``end_epoch``: shrink, evaluate, save). Single process on
+CPU or one GPU (AMP on CUDA), or several processes under ``torchrun``
+(DistributedDataParallel; gloo on CPU, nccl on GPU; rank 0 writes). Reproducible resume:
+the data order, the augmentations and PDRS's prefix draws are seeded per epoch and the
+learning rate is a pure function of the step, so a run killed at any point and resumed
+from its last saved epoch follows the same path. The run directory and its state are
+``run.py``'s; the rank report and plot are ``ranks.py``'s.
 
-Training state per epoch (``RUN_DIR/state/epoch-NNNN/``, written to a temporary
-directory and renamed, then ``state/LATEST`` is replaced atomically): weights,
-optimizer moments and PDRS scores as safetensors, counters and ranks as JSON.
-Loading never unpickles.
+Decisions:
+- AMP uses bfloat16 only where the GPU has it in hardware (compute capability 8.0 and
+  up): ``torch.cuda.is_bf16_supported()`` also says yes on a T4 (sm_75), where bf16 is
+  emulated and slow. Elsewhere float16 with a GradScaler.
+- Partial labels: a task's loss is the mean over the batch's labelled pixels, so a sample
+  without that task's label (every pixel unlabelled; datasets turn a missing label into
+  that, see ``faar.data``) adds nothing to it, and a batch where no sample has it adds 0.
+  Metrics skip unlabelled pixels the same way.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -28,7 +33,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler, Subset
 from tqdm import tqdm
@@ -37,14 +41,25 @@ from .adapters import adapters_of
 from .config import Config, dump_config
 from .data import build_dataset
 from .metrics import MultiTaskMetrics, delta_m, trivial_baseline
-from .model import FAARModel, build_model, parameter_summary
+from .model import build_model, parameter_summary
 from .pdrs import PDRS, mean_rank
-from .run import atomic_path, load_model, load_state_dict_shared, save_model, state_dict_for_save, write_json
+from .ranks import plot_ranks, rank_record, rank_report, report_line
+from .run import (
+    TrainState,
+    atomic_path,
+    latest_state,
+    load_model,
+    load_state,
+    load_state_dict_shared,
+    save_model,
+    save_state,
+    write_json,
+)
 from .tasks import TaskSpec
 
-STATE_DIR = "state"
 # The trivial predictor (class prior, mean depth...) is fit on this many training images.
 TRIVIAL_FIT_IMAGES = 256
+BF16_MIN_CAPABILITY = (8, 0)  # Ampere: bfloat16 in hardware
 
 
 class TrainError(RuntimeError):
@@ -76,10 +91,12 @@ def setup_distributed() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if use_cuda else "cpu"))
 
 
+def amp_dtype(capability: tuple[int, int]) -> torch.dtype:
+    """The autocast dtype for a CUDA device of this compute capability (module docstring)."""
+    return torch.bfloat16 if tuple(capability) >= BF16_MIN_CAPABILITY else torch.float16
+
+
 def loss_weights(cfg: Config, tasks: dict[str, TaskSpec]) -> dict[str, float]:
-    unknown = set(cfg.train.loss_weights) - set(tasks)
-    if unknown:
-        raise TrainError(f"train.loss_weights names task(s) not in the model: {sorted(unknown)}")
     return {t: cfg.train.loss_weights.get(t, spec.weight) for t, spec in tasks.items()}
 
 
@@ -91,6 +108,12 @@ def lr_at(cfg: Config, step: int, steps_per_epoch: int) -> float:
         return cfg.train.lr * (step + 1) / warm
     progress = (step - warm) / max(total - warm, 1)
     return cfg.train.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def task_losses(tasks: dict[str, TaskSpec], out: dict[str, torch.Tensor],
+                batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every task's loss of raw outputs ``out`` against the batch's labels."""
+    return {t: spec.compute_loss(out[t].float(), batch[t]) for t, spec in tasks.items()}
 
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -117,133 +140,6 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, tasks: dict[str, TaskSp
     return metrics.compute()
 
 
-def _rank_record(model: FAARModel) -> dict[str, dict[str, Any]]:
-    return {n: {"rank": a.rank, "group": a.group, "site": a.site} for n, a in adapters_of(model).items()}
-
-
-def rank_report(ranks: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Mean rank per stage for shared and task adapters, and whether the paper's pattern shows
-    (task-specific and deep layers keep more rank than shallow shared ones)."""
-    by: dict[tuple[str, int], list[int]] = {}
-    for r in ranks.values():
-        kind = "shared" if r["group"] == "shared" else "task"
-        by.setdefault((kind, _site_key(r["site"])[0]), []).append(r["rank"])
-    table = {f"{kind}_stage{stage}": sum(v) / len(v) for (kind, stage), v in sorted(by.items())}
-    shared = [v for (kind, _), vs in by.items() if kind == "shared" for v in vs]
-    task = [v for (kind, _), vs in by.items() if kind == "task" for v in vs]
-    stages = sorted({stage for _, stage in by})
-    first = [v for (_, st), vs in by.items() if st == stages[0] for v in vs]
-    last = [v for (_, st), vs in by.items() if st == stages[-1] for v in vs]
-    return {
-        "mean_rank_by_stage": table,
-        "task_keeps_more_than_shared": _mean(task) > _mean(shared) if task and shared else None,
-        "deep_keeps_more_than_shallow": _mean(last) > _mean(first),
-    }
-
-
-def _mean(xs: list[int]) -> float:
-    return sum(xs) / len(xs)
-
-
-def plot_ranks(ranks: dict[str, dict[str, Any]], path: Path, title: str) -> None:
-    """Heatmap of adapter ranks: rows are layers (stage.block.linear), columns shared/tasks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    sites = sorted({r["site"] for r in ranks.values()}, key=_site_key)
-    groups = ["shared"] + sorted({r["group"] for r in ranks.values()} - {"shared"})
-    grid = np.full((len(sites), len(groups)), np.nan)
-    for r in ranks.values():
-        grid[sites.index(r["site"]), groups.index(r["group"])] = r["rank"]
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(groups), 1.0 + 0.22 * len(sites)))
-    im = ax.imshow(grid, aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
-    ax.set_yticks(range(len(sites)), sites, fontsize=7)
-    for (i, j), v in np.ndenumerate(grid):
-        if not np.isnan(v):
-            ax.text(j, i, int(v), ha="center", va="center", fontsize=6, color="w")
-    fig.colorbar(im, ax=ax, label="rank")
-    ax.set_title(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
-def _site_key(site: str) -> tuple:
-    stage, block, layer = site.split(".")
-    return int(stage[1:]), int(block[1:]), ["qkv", "proj", "fc1", "fc2"].index(layer)
-
-
-# --- resumable state ----------------------------------------------------------------
-
-
-def save_state(run_dir: Path, epoch: int, step: int, model: FAARModel, optimizer: torch.optim.Optimizer,
-               pdrs: PDRS | None, scaler: torch.amp.GradScaler | None, history: dict[str, Any]) -> None:
-    state_root = run_dir / STATE_DIR
-    state_root.mkdir(parents=True, exist_ok=True)
-    final = state_root / f"epoch-{epoch:04d}"
-    tmp = state_root / f".epoch-{epoch:04d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(state_dict_for_save(model), str(tmp / "weights.safetensors"))
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    save_file(pdrs.state_tensors() if pdrs else {}, str(tmp / "pdrs.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({
-        "epoch": epoch, "step": step, "ranks": model.ranks(), "optimizer": opt_meta,
-        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-        "history": history,
-    }))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with atomic_path(state_root / "LATEST") as p:
-        p.write_text(final.name)
-    for old in state_root.glob("epoch-*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_state(run_dir: Path) -> Path | None:
-    root = run_dir / STATE_DIR
-    pointer = root / "LATEST"
-    if pointer.is_file():
-        path = root / pointer.read_text().strip()
-        if (path / "state.json").is_file():
-            return path
-    complete = sorted(p for p in root.glob("epoch-*") if (p / "state.json").is_file())
-    return complete[-1] if complete else None
-
-
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{idx}.{k}"] = v.detach().contiguous().cpu()
-            else:
-                scalars[f"{idx}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, _, name = key.partition(".")
-        state.setdefault(int(idx), {})[name] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-# --- the loop -------------------------------------------------------------------------
-
-
 def _loader(ds, batch_size: int, shuffle: bool, d: Dist, seed: int, workers: int, drop_last: bool) -> DataLoader:
     if d.world > 1:
         sampler = DistributedSampler(ds, num_replicas=d.world, rank=d.rank, shuffle=shuffle, seed=seed)
@@ -263,153 +159,200 @@ def _set_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
         sampler.generator.manual_seed(seed * 1000 + epoch)
 
 
+@dataclass
+class EpochStats:
+    """What one pass over the training set measured."""
+
+    loss: float
+    step_time_s: float
+    epoch_time_s: float
+
+
+class Trainer:
+    """One training run: built by ``__init__`` (fresh or from the run's last state), driven by ``run``."""
+
+    def __init__(self, cfg: Config, out_dir: str | os.PathLike, resume: bool = False, quiet: bool = False,
+                 log=print) -> None:
+        self.cfg, self.run_dir, self.quiet, self.log = cfg, Path(out_dir), quiet, log
+        self.d = setup_distributed()
+        state_path = latest_state(self.run_dir) if self.run_dir.exists() else None
+        if state_path is not None and not resume:
+            raise TrainError(f"{self.run_dir} already holds a training run ({state_path.name}); "
+                             "pass --resume to continue it or choose another --out")
+        torch.manual_seed(cfg.train.seed)
+        self._build_data()
+        self.model = build_model(cfg.model, classes=self.train_ds.classes)
+        self.history: dict[str, Any] = {"epochs": [], "ranks": {"initial": rank_record(self.model), "epochs": []}}
+        state = load_state(state_path) if state_path is not None else None
+        if state is not None:
+            self.model.set_ranks(state.ranks)
+            load_state_dict_shared(self.model, state.weights, str(state_path))
+        self.model.to(self.d.device)
+        self.tasks = self.model.tasks
+        self.weights = loss_weights(cfg, self.tasks)
+        self.single_task = {t: v for t, v in cfg.train.single_task.items() if t in self.tasks}
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                           lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.use_amp = cfg.train.amp and self.d.device.type == "cuda"
+        self.amp_dtype = amp_dtype(torch.cuda.get_device_capability(self.d.device)) if self.use_amp else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.pdrs = PDRS(self.model, cfg.pdrs, seed=cfg.train.seed) \
+            if cfg.pdrs.enabled and adapters_of(self.model) else None
+        self.start_epoch, self.step = 1, 0
+        if state is not None:
+            self._restore(state)
+        self._prepare_run_dir()
+        self.wrapped = self._wrap()
+
+    def _build_data(self) -> None:
+        cfg, d = self.cfg, self.d
+        img_size = (cfg.model.img_size[0], cfg.model.img_size[1])
+        self.train_ds = build_dataset(cfg.data, cfg.data.train_split, cfg.model.tasks, img_size, train=True)
+        self.val_ds = build_dataset(cfg.data, cfg.data.val_split, cfg.model.tasks, img_size, train=False)
+        if len(self.train_ds) < cfg.train.batch_size * d.world:
+            raise TrainError(f"training set has {len(self.train_ds)} images, fewer than one batch "
+                             f"({cfg.train.batch_size} x {d.world} processes)")
+        args = (cfg.train.batch_size, d, cfg.train.seed, cfg.data.workers)
+        self.train_loader = _loader(self.train_ds, args[0], True, *args[1:], drop_last=True)
+        self.val_loader = _loader(self.val_ds, args[0], False, *args[1:], drop_last=False)
+
+    def _restore(self, state: TrainState) -> None:
+        if self.pdrs is not None:
+            self.pdrs.load_state_tensors(state.pdrs)
+        self.optimizer.load_state_dict(state.optimizer)
+        if state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+        self.history = state.history
+        self.start_epoch, self.step = state.epoch + 1, state.step
+        if self.d.main:
+            self.log(f"resuming {self.run_dir} after epoch {state.epoch} (step {state.step})")
+
+    def _prepare_run_dir(self) -> None:
+        if self.d.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.run_dir / "config.yaml") as p:
+                p.write_text(dump_config(self.cfg))
+            summary = parameter_summary(self.model)
+            self.log(f"model: {summary['trainable_parameters']:,} trainable of {summary['total_parameters']:,} "
+                     f"parameters (TS-PD {summary['trainable_by_group']['spectral']:,}); {len(self.train_ds)} "
+                     f"train / {len(self.val_ds)} val images; device {self.d.device} x {self.d.world}")
+        if "trivial" not in self.history:
+            fit_on = Subset(self.train_ds, range(min(len(self.train_ds), TRIVIAL_FIT_IMAGES)))
+            targets = (_targets(b, self.tasks) for b in DataLoader(fit_on, batch_size=16))
+            predictor = trivial_baseline(self.tasks, targets)
+            self.history["trivial"] = evaluate(self.model, self.val_loader, self.tasks, self.d.device,
+                                               predictor=predictor)
+
+    def _wrap(self) -> torch.nn.Module:
+        """The module the step runs: the model, or DDP around it (rebuilt after a shrink changes shapes)."""
+        if self.d.world == 1:
+            return self.model
+        ids = [self.d.device.index] if self.d.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids,
+                                       find_unused_parameters=self.cfg.model.adapter.final_shared)
+
+    def run(self) -> dict[str, Any]:
+        """Train the remaining epochs; returns the metrics history."""
+        for epoch in range(self.start_epoch, self.cfg.train.epochs + 1):
+            self.end_epoch(epoch, self.train_epoch(epoch))
+        if self.d.main and adapters_of(self.model):
+            self.log(report_line(rank_report(rank_record(self.model))))
+        if self.d.world > 1:
+            dist.destroy_process_group()
+        return self.history
+
+    def train_epoch(self, epoch: int) -> EpochStats:
+        """One pass over the training set, seeded by the epoch (resume lands on the same draws)."""
+        seed = self.cfg.train.seed
+        torch.manual_seed(seed * 1000 + epoch)
+        _set_epoch(self.train_loader, epoch, seed)
+        if self.pdrs is not None:
+            self.pdrs.reseed(seed * 1000 + epoch)
+        self.model.train()
+        t0 = time.perf_counter()
+        compute_time, loss_sum, n = 0.0, 0.0, 0
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.cfg.train.epochs}",
+                   disable=self.quiet or not self.d.main, dynamic_ncols=True, leave=False)
+        for batch in bar:
+            batch = _to(batch, self.d.device)
+            ts = time.perf_counter()
+            loss_sum += self._step(batch, epoch)
+            compute_time += time.perf_counter() - ts
+            n += 1
+            bar.set_postfix(loss=f"{loss_sum / n:.3f}", rank=f"{mean_rank(self.model):.1f}")
+        bar.close()
+        return EpochStats(loss_sum / max(n, 1), compute_time / max(n, 1), time.perf_counter() - t0)
+
+    def _step(self, batch: dict[str, Any], epoch: int) -> float:
+        """One optimizer step on ``batch``; returns the weighted total loss."""
+        steps_per_epoch = len(self.train_loader)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.cfg, self.step, steps_per_epoch)
+        if self.pdrs is not None:
+            self.pdrs.sample()
+        autocast = torch.autocast("cuda", dtype=self.amp_dtype) if self.use_amp else nullcontext()
+        with autocast:
+            losses = task_losses(self.tasks, self.wrapped(batch["image"]), batch)
+            total = sum(self.weights[t] * losses[t] for t in self.tasks)
+        if not torch.isfinite(total):
+            raise TrainError(f"non-finite loss at epoch {epoch} step {self.step}: "
+                             + ", ".join(f"{t}={v.item():.4g}" for t, v in losses.items()))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.pdrs is not None:
+            self.pdrs.accumulate(self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.d.device.type == "cuda":
+            torch.cuda.synchronize(self.d.device)
+        self.step += 1
+        return total.item()
+
+    def end_epoch(self, epoch: int, stats: EpochStats) -> None:
+        """Shrink ranks, evaluate, record the epoch and save everything (rank 0)."""
+        cfg = self.cfg
+        rank_before = mean_rank(self.model)
+        shrunk = {}
+        if self.pdrs is not None and (not cfg.pdrs.epochs or epoch in cfg.pdrs.epochs):
+            shrunk = self.pdrs.shrink(self.optimizer)
+            if shrunk:
+                self.wrapped = self._wrap()  # DDP must see the new parameter shapes
+        val = None
+        if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
+            val = evaluate(self.model, self.val_loader, self.tasks, self.d.device)
+        entry = {
+            "epoch": epoch, "train_loss": stats.loss, "step_time_s": stats.step_time_s,
+            "epoch_time_s": stats.epoch_time_s, "mean_rank_before_shrink": rank_before,
+            "mean_rank": mean_rank(self.model), "adapters_shrunk": len(shrunk), "val": val,
+            "delta_m": delta_m(val, self.single_task) if val and self.single_task else None,
+        }
+        self.history["epochs"].append(entry)
+        self.history["ranks"]["epochs"].append({"epoch": epoch, "ranks": self.model.ranks()})
+        if self.model.ranks():
+            self.history["ranks"]["report"] = rank_report(rank_record(self.model))
+        if self.d.main:
+            self._save(epoch)
+            self.log(_epoch_line(entry))
+        if self.d.world > 1:
+            dist.barrier()
+
+    def _save(self, epoch: int) -> None:
+        run_dir, h = self.run_dir, self.history
+        save_model(self.model, run_dir, extra={"epoch": epoch})
+        save_state(run_dir, epoch, self.step, self.model, self.optimizer,
+                   self.pdrs.state_tensors() if self.pdrs else {},
+                   self.scaler.state_dict() if self.scaler.is_enabled() else None, h)
+        write_json(run_dir / "metrics.json", {"trivial": h["trivial"], "epochs": h["epochs"]})
+        write_json(run_dir / "ranks.json", h["ranks"])
+        if adapters_of(self.model):
+            plot_ranks(rank_record(self.model), run_dir / "ranks.png",
+                       f"adapter ranks after epoch {epoch} (mean {mean_rank(self.model):.1f})")
+
+
 def train(cfg: Config, out_dir: str | os.PathLike, resume: bool = False, quiet: bool = False,
           log=print) -> dict[str, Any]:
     """Train (or resume) a run into ``out_dir``; returns the metrics history."""
-    run_dir = Path(out_dir)
-    d = setup_distributed()
-    state_path = latest_state(run_dir) if run_dir.exists() else None
-    if state_path is not None and not resume:
-        raise TrainError(f"{run_dir} already holds a training run ({state_path.name}); "
-                         "pass --resume to continue it or choose another --out")
-
-    torch.manual_seed(cfg.train.seed)
-    tasks_list = cfg.model.tasks
-    img_size = (cfg.model.img_size[0], cfg.model.img_size[1])
-    train_ds = build_dataset(cfg.data, cfg.data.train_split, tasks_list, img_size, train=True)
-    val_ds = build_dataset(cfg.data, cfg.data.val_split, tasks_list, img_size, train=False)
-    if len(train_ds) < cfg.train.batch_size * d.world:
-        raise TrainError(f"training set has {len(train_ds)} images, fewer than one batch "
-                         f"({cfg.train.batch_size} x {d.world} processes)")
-    model = build_model(cfg.model, classes=train_ds.classes)
-    history: dict[str, Any] = {"epochs": [], "ranks": {"initial": _rank_record(model), "epochs": []}}
-    meta = json.loads((state_path / "state.json").read_text()) if state_path is not None else None
-    if meta is not None:
-        model.set_ranks(meta["ranks"])
-        load_state_dict_shared(model, load_file(str(state_path / "weights.safetensors")), str(state_path))
-    model.to(d.device)
-    tasks = model.tasks
-    weights = loss_weights(cfg, tasks)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    use_amp = cfg.train.amp and d.device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    pdrs = PDRS(model, cfg.pdrs, seed=cfg.train.seed) if cfg.pdrs.enabled and adapters_of(model) else None
-
-    start_epoch, step = 1, 0
-    if meta is not None:
-        if pdrs is not None:
-            pdrs.load_state_tensors(load_file(str(state_path / "pdrs.safetensors")))
-        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(state_path / "optimizer.safetensors")),
-                                                       meta["optimizer"]))
-        if meta["scaler"]:
-            scaler.load_state_dict(meta["scaler"])
-        history = meta["history"]
-        start_epoch, step = meta["epoch"] + 1, meta["step"]
-        if d.main:
-            log(f"resuming {run_dir} after epoch {meta['epoch']} (step {step})")
-
-    workers = cfg.data.workers
-    train_loader = _loader(train_ds, cfg.train.batch_size, True, d, cfg.train.seed, workers, drop_last=True)
-    val_loader = _loader(val_ds, cfg.train.batch_size, False, d, cfg.train.seed, workers, drop_last=False)
-    steps_per_epoch = len(train_loader)
-
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(run_dir / "config.yaml") as p:
-            p.write_text(dump_config(cfg))
-        summary = parameter_summary(model)
-        log(f"model: {summary['trainable_parameters']:,} trainable of {summary['total_parameters']:,} "
-            f"parameters; {len(train_ds)} train / {len(val_ds)} val images; device {d.device} x {d.world}")
-    if "trivial" not in history:
-        fit_on = Subset(train_ds, range(min(len(train_ds), TRIVIAL_FIT_IMAGES)))
-        predictor = trivial_baseline(tasks, (_targets(b, tasks) for b in DataLoader(fit_on, batch_size=16)))
-        history["trivial"] = evaluate(model, val_loader, tasks, d.device, predictor=predictor)
-
-    wrapped = _wrap(model, d, cfg)
-    for epoch in range(start_epoch, cfg.train.epochs + 1):
-        torch.manual_seed(cfg.train.seed * 1000 + epoch)
-        _set_epoch(train_loader, epoch, cfg.train.seed)
-        if pdrs is not None:
-            pdrs.reseed(cfg.train.seed * 1000 + epoch)
-        model.train()
-        t0 = time.perf_counter()
-        compute_time, loss_sum, n = 0.0, 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=quiet or not d.main,
-                   dynamic_ncols=True, leave=False)
-        for batch in bar:
-            batch = _to(batch, d.device)
-            ts = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(cfg, step, steps_per_epoch)
-            if pdrs is not None:
-                pdrs.sample()
-            autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
-            with autocast:
-                out = wrapped(batch["image"])
-                losses = {t: tasks[t].compute_loss(out[t].float(), batch[t]) for t in tasks}
-                total = sum(weights[t] * losses[t] for t in tasks)
-            if not torch.isfinite(total):
-                raise TrainError(f"non-finite loss at epoch {epoch} step {step}: "
-                                 + ", ".join(f"{t}={v.item():.4g}" for t, v in losses.items()))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            if pdrs is not None:
-                pdrs.accumulate(scaler.get_scale() if scaler.is_enabled() else 1.0)
-            scaler.step(optimizer)
-            scaler.update()
-            if d.device.type == "cuda":
-                torch.cuda.synchronize(d.device)
-            compute_time += time.perf_counter() - ts
-            loss_sum += total.item()
-            n += 1
-            step += 1
-            bar.set_postfix(loss=f"{loss_sum / n:.3f}", rank=f"{mean_rank(model):.1f}")
-        bar.close()
-        train_time = time.perf_counter() - t0
-        step_time = compute_time / max(n, 1)
-        rank_before = mean_rank(model)
-        shrunk = {}
-        if pdrs is not None and (not cfg.pdrs.epochs or epoch in cfg.pdrs.epochs):
-            shrunk = pdrs.shrink(optimizer)
-            if shrunk:
-                wrapped = _wrap(model, d, cfg)  # DDP must see the new parameter shapes
-        val = evaluate(model, val_loader, tasks, d.device) if epoch % cfg.train.eval_every == 0 \
-            or epoch == cfg.train.epochs else None
-        entry = {
-            "epoch": epoch, "train_loss": loss_sum / max(n, 1), "step_time_s": step_time, "epoch_time_s": train_time,
-            "mean_rank_before_shrink": rank_before, "mean_rank": mean_rank(model), "adapters_shrunk": len(shrunk),
-            "val": val, "delta_m": delta_m(val, cfg.train.single_task) if val and cfg.train.single_task else None,
-        }
-        history["epochs"].append(entry)
-        history["ranks"]["epochs"].append({"epoch": epoch, "ranks": {n: a.rank for n, a in adapters_of(model).items()}})
-        if d.main:
-            save_model(model, run_dir, extra={"epoch": epoch})
-            save_state(run_dir, epoch, step, model, optimizer, pdrs, scaler, history)
-            write_json(run_dir / "metrics.json", {"trivial": history["trivial"], "epochs": history["epochs"]})
-            history["ranks"]["report"] = rank_report(_rank_record(model))
-            write_json(run_dir / "ranks.json", history["ranks"])
-            if adapters_of(model):
-                plot_ranks(_rank_record(model), run_dir / "ranks.png",
-                           f"adapter ranks after epoch {epoch} (mean {mean_rank(model):.1f})")
-            log(_epoch_line(entry))
-        if d.world > 1:
-            dist.barrier()
-    if d.main and "report" in history["ranks"]:
-        report = history["ranks"]["report"]
-        log("rank pattern: task-specific keep more than shared: {}; deepest stage keeps more than the first: {}"
-            .format(report["task_keeps_more_than_shared"], report["deep_keeps_more_than_shallow"]))
-    if d.world > 1:
-        dist.destroy_process_group()
-    return history
-
-
-def _wrap(model: FAARModel, d: Dist, cfg: Config) -> torch.nn.Module:
-    if d.world == 1:
-        return model
-    ids = [d.device.index] if d.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=cfg.model.adapter.final_shared)
+    return Trainer(cfg, out_dir, resume=resume, quiet=quiet, log=log).run()
 
 
 def _epoch_line(e: dict[str, Any]) -> str:
@@ -427,8 +370,8 @@ def evaluate_run(run_dir: str | os.PathLike, cfg: Config, device: str | None = N
     """Evaluate a run's saved model on the configured validation split."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(run_dir, dev)
-    img_size = model.img_size
-    val_ds = build_dataset(cfg.data, cfg.data.val_split, list(model.tasks), img_size, train=False)
+    val_ds = build_dataset(cfg.data, cfg.data.val_split, list(model.tasks), model.img_size, train=False)
     loader = DataLoader(val_ds, batch_size=cfg.train.batch_size, num_workers=cfg.data.workers)
     val = evaluate(model, loader, model.tasks, dev)
-    return {"val": val, "delta_m": delta_m(val, cfg.train.single_task) if cfg.train.single_task else None}
+    single_task = {t: v for t, v in cfg.train.single_task.items() if t in model.tasks}
+    return {"val": val, "delta_m": delta_m(val, single_task) if single_task else None}

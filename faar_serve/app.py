@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -28,7 +29,7 @@ from .admission import Admission
 from .engines import create_engine
 from .errors import install_error_handlers
 from .gateway import Gateway
-from .manifest import load_model_spec
+from .manifest import ModelSpec
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from .routes import inference, operations, web
 from .settings import Settings
@@ -36,17 +37,29 @@ from .telemetry import Metrics
 
 
 def create_gateway(settings: Settings) -> Gateway:
-    """Reads the model now (a bad repository fails here, named); the engine starts with the app."""
-    spec = load_model_spec(settings.model_repository, settings.model, settings.model_version)
+    """The embedded engine reads the model now (a bad repository fails here, named); the Triton
+    engine learns it from Triton once it answers. Engines start with the app."""
     metrics = Metrics()
     admission = Admission(budget_bytes=settings.budget_bytes, max_images=settings.max_queue,
                           wait_s=settings.admission_wait_s, retry_after_s=settings.retry_after_s, metrics=metrics)
-    engine = create_engine(settings, spec, lambda: admission.upstream, metrics.batch_size.observe)
-    return Gateway(settings, spec, metrics, admission, engine)
+    engine = create_engine(settings, lambda: admission.upstream, metrics.batch_size.observe)
+    pool = None
+    if settings.render_threads > 1:
+        pool = ThreadPoolExecutor(settings.render_threads, thread_name_prefix="faar-render")
+    return Gateway(settings, metrics, admission, engine, pool)
+
+
+def describe(settings: Settings, spec: ModelSpec | None) -> str:
+    """The OpenAPI description: the model's tasks and size when known at start."""
+    if spec is None:
+        return (f"Dense maps of uploaded images from model {settings.model!r} served by Triton at "
+                f"{settings.triton_url}; its tasks, input size and version: GET /v1/model.")
+    return (f"Dense maps ({', '.join(spec.tasks)}) of uploaded images from model {spec.name!r} "
+            f"v{spec.version} ({spec.height}x{spec.width} input), engine {settings.engine}.")
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """The gateway for ``settings`` (the model is read now; the engine starts with the app)."""
+    """The gateway for ``settings`` (the embedded engine reads the model now; engines start with the app)."""
     gw = create_gateway(settings)
 
     @contextlib.asynccontextmanager
@@ -56,12 +69,12 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             await gw.engine.close()
+            if gw.render_pool is not None:
+                gw.render_pool.shutdown()
 
-    spec = gw.spec
-    description = (f"Dense maps ({', '.join(spec.tasks)}) of uploaded images from model {spec.name!r} "
-                   f"v{spec.version} ({spec.height}x{spec.width} input), engine {settings.engine}.")
-    app = FastAPI(title="FAAR gateway", version=str(spec.version), lifespan=lifespan, description=description,
-                  docs_url=None, redoc_url=None)  # /docs from local files: routes.web
+    spec = gw.engine.spec
+    app = FastAPI(title="FAAR gateway", version=str(spec.version) if spec else "from Triton", lifespan=lifespan,
+                  description=describe(settings, spec), docs_url=None, redoc_url=None)  # /docs: routes.web
     app.state.gateway = gw
     app.include_router(inference.router)
     app.include_router(operations.router)

@@ -67,15 +67,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     settings = load_settings(argv)
     print("faar-serve settings:", json.dumps(settings.describe(), indent=2, default=str), flush=True)
-    try:  # in the parent, so a bad repository is one line here, not a traceback per worker
-        load_model_spec(settings.model_repository, settings.model, settings.model_version)
-    except (ManifestError, ValueError) as exc:
-        raise SystemExit(f"faar-serve: {exc}") from None
+    if settings.model_repository is not None and settings.engine == "onnx":
+        try:  # in the parent, so a bad repository is one line here, not a traceback per worker
+            load_model_spec(settings.model_repository, settings.model, settings.model_version)
+        except (ManifestError, ValueError) as exc:
+            raise SystemExit(f"faar-serve: {exc}") from None
     serve(settings)
 
 
 def triton_main(argv: Sequence[str] | None = None) -> None:
-    from .triton_local import LocalTriton, TritonStartError
+    from .triton_local import LocalTriton, TritonStartError, explicit_models
 
     parser = argparse.ArgumentParser(
         prog="faar-triton", description="Run a real Triton Inference Server (from the nvidia-pytriton wheel) "
@@ -87,6 +88,9 @@ def triton_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the models to load")
     parser.add_argument("--workdir", help="backend directory and log (default: a temporary folder)")
     parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--model", action="append", default=[], metavar="NAME",
+                        help="load only this model (repeat for several; default: every model in the repository), "
+                        "e.g. faar on a machine without a GPU when the repository also holds faar_gpu")
     args = parser.parse_args(argv)
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -95,7 +99,7 @@ def triton_main(argv: Sequence[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, stop)
     try:
         server = LocalTriton(args.model_repository, args.http_port, args.grpc_port, args.workdir, args.host,
-                             args.log_verbose)
+                             args.log_verbose, extra_args=explicit_models(args.model))
         with server:
             print(f"triton ready: grpc {server.grpc_url}, http {server.http_url}, log {server.log_path}",
                   flush=True)

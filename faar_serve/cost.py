@@ -5,10 +5,10 @@ as much as a thousand photos of phone size (issue 14). The cost is the larger of
 phases an image goes through, each counted with every copy that exists at once:
 
 * decode: the upload's bytes, the decoded pixels (at the reduced scale the decoder will
-  use) three times over (the decoder's image, a mode conversion, the numpy array), and
-  the model's input;
+  use: ``codec.Probe.decoded_size``, known from the header) three times over (the
+  decoder's image, a mode conversion, the numpy array), and the model's input;
 * render: the upload's bytes, the model's outputs for the image, and at the answer's size
-  every map asked for, resized (labels uint8, other maps float32 per channel, all held
+  (``codec.output_size``) every map asked for, resized (labels uint8, other maps float32 per channel, all held
   until the answer is encoded), the largest temporary of one resize (normals: the
   unnormalised planes and their length), and the encoded answer: for JSON each 8/16-bit
   plane, its PNG (no smaller than the plane, at worst), its base64 (4/3) and the JSON text
@@ -22,10 +22,7 @@ peak RSS grew by 1.5 GB (bench/RESULTS.md, "Overload").
 
 from __future__ import annotations
 
-import io
 import math
-
-from PIL import Image, UnidentifiedImageError
 
 from .manifest import ModelSpec
 
@@ -34,7 +31,7 @@ JSON_FACTOR = 1 + 1 + 4 / 3 + 4 / 3  # plane, PNG, base64, JSON text
 NPZ_COPIES = 2
 CHANNELS = {"normals": 3}  # every other kind has one channel
 RESIZE_TEMPORARY = {"normals": 16, "labels": 1}  # bytes per pixel of one resize's temporaries (float maps: 4)
-PNG_PLANE_BYTES = {"labels": 1, "probability": 1, "depth": 2, "normals": 3}  # the encodings of codec.encode_map
+PNG_PLANE_BYTES = {"labels": 1, "probability": 1, "depth": 2, "normals": 3}  # codec.maps' PNG encodings
 OUTPUT_DTYPE_BYTES = {"uint8": 1, "float32": 4}
 
 
@@ -66,13 +63,3 @@ def image_cost(*, upload_bytes: int, decoded_hw: tuple[int, int], output_hw: tup
     render = output_bytes(spec) + output_hw[0] * output_hw[1] * per_pixel
     return int(upload_bytes + max(decode, render))
 
-
-def header_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) from the header alone; None where the header cannot be read (the decoder then
-    answers with the precise error)."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return None
-    return height, width

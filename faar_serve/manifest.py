@@ -20,7 +20,11 @@ Decisions:
   (labels: classes and a palette; probability: range; normals: convention; depth: units).
 * ``parse_manifest`` takes the decoded JSON from anywhere (a file, or a copy that
   config.pbtxt carries for a gateway that only talks to Triton); ``load_manifest`` reads
-  the file.
+  the file, ``manifest_from_model_config`` the copy in a model configuration as Triton's
+  model-config API answers it: one parameter ``faar_manifest_v<version>`` per version,
+  since config.pbtxt is shared by every version of a model (``faar.export.triton``).
+* Written as it was read: fields a manifest did not carry (one written before an optional
+  field existed) stay out of ``to_json``, so an old file round-trips unchanged.
 * The decoder's 2-D DFT is named as in the run's config (``matmul`` | ``torch``);
   ``dft``, faar-export's earlier name for ``torch``, is read as ``torch``.
 """
@@ -51,6 +55,7 @@ FORMAT_VERSION = 1
 TaskKind = Literal["labels", "probability", "normals", "depth"]
 KINDS: tuple[str, ...] = get_args(TaskKind)
 FFTBackend = Literal["matmul", "torch"]
+Precision = Literal["fp32", "fp16", "int8"]
 FFT_ALIASES = {"dft": "torch"}  # faar-export's earlier spelling
 DType = Literal["uint8", "float32"]
 SHA256 = r"^[0-9a-f]{64}$"
@@ -227,6 +232,16 @@ class ExportOptionsRecord(Schema):
     probabilities: bool
     overwrite: bool
     exporter: Literal["auto", "torchscript", "dynamo"]
+    queue_timeout_s: float | None = None  # optional: added within format 1
+    parity_device: Literal["cpu", "cuda"] | None = None
+    tf32: bool | None = None
+    # Added with the reduced-precision exports (absent in earlier manifests):
+    precision: Precision | None = None
+    calibration: str | None = Field(None, description="int8: 'run' (the run's training split) or a folder")
+    calibration_images: int | None = Field(None, ge=1)
+    gate_images: int | None = Field(None, ge=1)
+    gate: list[str] | None = Field(None, description="limits that replaced the defaults, TASK=VALUE[%]")
+    data_root: str | None = None
 
     normalise_fft = field_validator("fft", mode="before")(_fft_name)
 
@@ -246,11 +261,45 @@ class GraphInfo(Schema):
     seconds: float
 
 
+class Calibration(Schema):
+    source: str = Field(description="'<dataset> <split>' of the run, or the folder the images came from")
+    images: int = Field(ge=1)
+
+
+class QuantizationMethod(Schema):
+    format: Literal["QDQ"]
+    weights: str
+    activations: str
+    calibration: str = Field(description="how activation ranges were taken from the calibration images")
+    operators: list[str] = Field(description="operator types quantised (all others stay float)")
+
+
+class QuantizationTrial(Schema):
+    float_groups: list[str]
+    passed: bool
+    score: float | None = Field(description="worst task's loss / its limit (1 = at the limit); None: unbounded")
+    worse_by: dict[str, float | None]
+
+
+class Quantization(Schema):
+    """How the int8 graph was made: which node groups stay float, found by the sensitivity pass."""
+
+    method: QuantizationMethod
+    calibration: Calibration
+    groups: dict[str, Count] = Field(description="quantisable nodes per group")
+    float_groups: list[str] = Field(description="groups kept float in this graph")
+    sensitivity: dict[str, float | None] = Field(
+        description="gate score with only that group float (empty when everything quantised passed)")
+    tried: list[QuantizationTrial]
+
+
 class ExportInfo(GraphInfo):
     options: ExportOptionsRecord
     fft_backend: FFTBackend
     versions: dict[str, str] = Field(description="package versions of the export")
     total_seconds: float
+    precision: Precision | None = Field(None, description="None in manifests older than the field: fp32 or fp16")
+    quantization: Quantization | None = None
 
     normalise_fft = field_validator("fft_backend", mode="before")(_fft_name)
 
@@ -281,6 +330,42 @@ class MapError(Schema):
     mean_abs_error: float
 
 
+class GateTask(Schema):
+    metric: str = Field(description="the task's headline metric, as faar.metrics names it")
+    fp32: float | None
+    candidate: float | None
+    worse_by: float | None = Field(description="in the limit's units (percent of fp32 for a relative limit)")
+    limit: str = Field(description="VALUE or VALUE%")
+    passed: bool
+
+
+class GateLimit(Schema):
+    worse_by: float
+    relative: bool
+
+
+class GateCpu(Schema):
+    model: str
+    cores: Count
+    avx2: bool
+    avx512: bool
+    vnni: bool
+
+
+class AccuracyGate(Schema):
+    """Task metrics of this graph against the fp32 graph of the same run, on held-out images."""
+
+    passed: bool
+    failures: list[str]
+    score: float | None
+    tasks: dict[str, GateTask]
+    limits: dict[str, GateLimit]
+    data: str = Field(description="'<dataset> <split>' the held-out images came from")
+    images: int = Field(ge=1)
+    runtime: str
+    cpu: GateCpu
+
+
 class Parity(Schema):
     reference: ParityReference
     candidate: str
@@ -289,6 +374,9 @@ class Parity(Schema):
     tolerance: ParityTolerance
     inputs: list[ParityInput]
     outputs: dict[str, LabelAgreement | MapError]
+    provider: str | None = Field(None, description="ONNX Runtime execution provider that ran the graph "
+                                 "(CUDA with TF32 off); optional: added within format 1")
+    gate: AccuracyGate | None = Field(None, description="fp16 and int8: the accuracy gate")
 
 
 class OnnxFile(Schema):
@@ -345,8 +433,11 @@ class Manifest(Schema):
     def image(self) -> InputTensor:
         return self.inputs[0]
 
-    def to_json(self) -> str:
-        return self.model_dump_json(indent=2) + "\n"
+    def to_json(self, compact: bool = False) -> str:
+        """The file's text (indented, a final newline) or, ``compact``, one line (config.pbtxt)."""
+        if compact:
+            return self.model_dump_json(exclude_unset=True)
+        return self.model_dump_json(indent=2, exclude_unset=True) + "\n"
 
 
 def _problems(exc: ValidationError, limit: int = 3) -> str:
@@ -370,6 +461,26 @@ def parse_manifest(data: Any, source: str) -> Manifest:
         raise ManifestError(f"{source} is not a valid faar-export manifest: {_problems(exc)}") from exc
 
 
+def manifest_parameter(version: int) -> str:
+    """The config.pbtxt parameter holding ``version``'s manifest."""
+    return f"faar_manifest_v{version}"
+
+
+def manifest_from_model_config(config: Mapping[str, Any], version: int, source: str) -> Manifest:
+    """``version``'s manifest from a Triton model configuration (the JSON of its model-config API)."""
+    key = manifest_parameter(version)
+    entry = (config.get("parameters") or {}).get(key)
+    if not isinstance(entry, Mapping) or not entry.get("string_value"):
+        raise ManifestError(f"{source} has no parameter {key!r}: its config.pbtxt was not written by this "
+                            "faar-export; re-export the model (or serve it with --model-repository and "
+                            "the embedded engine)")
+    try:
+        data = json.loads(entry["string_value"])
+    except ValueError as exc:
+        raise ManifestError(f"{source}: parameter {key!r} is not JSON: {exc}") from exc
+    return parse_manifest(data, f"{source} ({key})")
+
+
 def load_manifest(path: str | os.PathLike) -> Manifest:
     try:
         data = json.loads(Path(path).read_text())
@@ -391,18 +502,31 @@ class ModelSpec:
     max_batch_size: int  # config.pbtxt's, the limit Triton enforces for the same model
     tasks: dict[str, TaskInfo]
     manifest: Manifest
-    model_dir: Path
+    model_dir: Path | None  # None: read from Triton, no repository folder here
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, model_dir: Path, version: int, max_batch_size: int) -> ModelSpec:
+    def from_manifest(cls, manifest: Manifest, model_dir: Path | None, version: int, max_batch_size: int,
+                      name: str | None = None) -> ModelSpec:
+        """``name`` defaults to ``model_dir``'s (the repository layout)."""
         _, height, width, _ = manifest.image.shape
-        return cls(name=model_dir.name, version=version, input_name=manifest.image.name, height=height,
+        if name is None:
+            if model_dir is None:
+                raise ValueError("give the model's name or its folder")
+            name = model_dir.name
+        return cls(name=name, version=version, input_name=manifest.image.name, height=height,
                    width=width, max_batch_size=max_batch_size,
-                   tasks={name: task.info(name) for name, task in manifest.tasks.items()},
+                   tasks={t: task.info(t) for t, task in manifest.tasks.items()},
                    manifest=manifest, model_dir=model_dir)
 
     @property
+    def output_names(self) -> list[str]:
+        """The graph outputs the tasks' maps come from, each once, in task order."""
+        return list(dict.fromkeys(t.output for t in self.tasks.values()))
+
+    @property
     def onnx_path(self) -> Path:
+        if self.model_dir is None:
+            raise ManifestError(f"model {self.name!r} was read from Triton: no ONNX file here")
         return self.model_dir / str(self.version) / self.manifest.onnx.file
 
     def select_tasks(self, names: str | None) -> list[str]:

@@ -21,7 +21,7 @@ __all__ = ["BatchPrediction", "ErrorBody", "Health", "Manifest", "ModelInfo", "P
 
 
 class TaskMap(BaseModel):
-    """One task's map at the uploaded image's size, as a base64 PNG, and how to read its pixels."""
+    """One task's map at the answer's size, as a base64 PNG, and how to read its pixels."""
 
     kind: str = Field(description="labels | probability | normals | depth")
     description: str
@@ -33,7 +33,8 @@ class TaskMap(BaseModel):
     scale: float | None = Field(None, description="value = pixel * scale (in units)")
     units: str | None = None
     range: list[float] | None = None
-    min: float | None = None
+    min: float | None = Field(None, description="depth: smallest value of the model's map (the resized map "
+                                                "lies within [min, max])")
     max: float | None = None
     convention: str | None = Field(None, description="normals: axes and pixel encoding")
 
@@ -41,11 +42,14 @@ class TaskMap(BaseModel):
 class Prediction(BaseModel):
     model: str
     version: int
-    width: int = Field(description="of the uploaded image after EXIF orientation; every map has this size")
+    width: int = Field(description="of every map in this answer: the upload's (size=original), the model's "
+                                   "(size=model) or scaled to the longest side asked for")
     height: int
+    image_width: int = Field(description="of the upload, after EXIF orientation")
+    image_height: int
     tasks: dict[str, TaskMap]
-    timings_ms: dict[str, float] = Field(description="server stages decode, queue, inference, encode in ms; "
-                                          "their sum is the server time (HTTP parsing excluded)")
+    timings_ms: dict[str, float] = Field(description="server stages decode, resize, queue, inference, encode in "
+                                          "ms; their sum is the server time (HTTP parsing excluded)")
 
 
 class BatchPrediction(BaseModel):
@@ -65,9 +69,13 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     ready: bool
-    engine: str
+    engine: str = Field(description="onnx (embedded ONNX Runtime) or triton")
     model: str
-    version: int
+    version: int | None = Field(description="null while the gateway has not read the model from Triton yet")
+    provider: str | None = Field(description="what runs the graph: ONNX Runtime's execution provider now "
+                                 "(e.g. CUDAExecutionProvider, CPUExecutionProvider), or Triton's instance kind "
+                                 "(KIND_GPU, KIND_CPU); null while unknown")
+    detail: str | None = Field(None, description="why it is not ready, when known")
 
 
 class ParitySummary(BaseModel):
@@ -90,6 +98,7 @@ class ModelInfo(BaseModel):
                                         "resized to it and maps back")
     input: InputTensor
     tasks: dict[str, Task]
+    precision: str | None = Field(None, description="fp32 | fp16 | int8, as exported (null: fp32, older exports)")
     parity: ParitySummary
     onnx_sha256: str
     manifest: Manifest | None = Field(None, description="the whole export manifest (only with --expose-manifest)")
@@ -103,4 +112,5 @@ class ModelInfo(BaseModel):
                                 reference=f"{ref.model}; DFT {ref.fft_backend}; {ref.runtime}")
         return cls(model=manifest.model, created=manifest.created, input_size=manifest.input_size,
                    input=manifest.image, tasks=manifest.tasks, parity=summary, onnx_sha256=manifest.onnx.sha256,
+                   precision=manifest.export.options.precision,
                    manifest=manifest if full else None)

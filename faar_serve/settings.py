@@ -9,6 +9,10 @@ at most 16 KiB (431), 10 s to send them, 60 s for the body (408), at most 1024 c
 per worker, 10 s for a request from admission to answer, and a memory budget for the
 images in flight of a quarter of the machine's (or container's) memory, divided among
 the workers (each worker admits on its own).
+
+``model_repository`` is required by the embedded engine only: with ``engine=triton`` the
+gateway reads the model (manifest, batch limit, version) from Triton, so it needs no copy
+of the repository, and a repository given anyway is not read.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1 << 20
@@ -46,12 +50,17 @@ def machine_memory_bytes() -> int:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FAAR_", protected_namespaces=(), extra="ignore")
 
-    model_repository: Path = Field(description="Triton model repository written by faar-export")
-    model: str = Field("faar", description="model folder inside the repository")
+    model_repository: Path | None = Field(
+        None, description="model repository written by faar-export; the onnx engine reads the model there "
+        "(required), the triton engine reads it from Triton (not needed)")
+    model: str = Field("faar", description="model name: its folder in the repository, its name in Triton")
     model_version: int | None = Field(None, ge=1, description="version to serve; default: the highest")
     engine: Literal["onnx", "triton"] = Field("onnx", description="embedded ONNX Runtime, or a Triton server")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="onnx engine: auto = CUDA when onnxruntime-gpu sees a GPU, else CPU")
+    cuda_tf32: bool = Field(
+        False, description="onnx engine on CUDA: let fp32 MatMul/Conv use TF32 (Ampere and newer; faster, but "
+        "not the fp32 the export's parity gate checked); ONNX Runtime's own default is on")
     triton_url: str = Field(
         "127.0.0.1:8001", description="host:port of Triton's gRPC or HTTP endpoint; with gRPC also several "
         "replicas, balanced round-robin: dns:///name:port (every address of the name) or ipv4:h1:p1,h2:p2")
@@ -70,6 +79,10 @@ class Settings(BaseSettings):
     cpu_spin_wait: bool = Field(
         False, description="onnx engine on CPU: ONNX Runtime threads busy-wait between operators; lower "
         "latency when idle, less throughput under load (they take the cores that decode and encode)")
+    render_threads: int = Field(
+        1, ge=1, description="threads that resize and encode one answer's maps in parallel (OpenCV, zlib-ng "
+        "and fpng release the GIL); 1: one after the other. More only helps while cores are idle (few "
+        "concurrent requests): bench/RESULTS.md, data path")
     request_timeout_s: float = Field(
         10.0, gt=0, description="deadline of a request from admission to answer: refused at once (503 + "
         "Retry-After) when the queue ahead says it cannot make it; queued work past it is dropped")
@@ -101,6 +114,13 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="origins CORS allows, comma-separated or a JSON list; empty: off")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @model_validator(mode="after")
+    def _repository_for_onnx(self) -> Settings:
+        if self.engine == "onnx" and self.model_repository is None:
+            raise ValueError("the onnx engine needs model_repository (--model-repository or "
+                             "FAAR_MODEL_REPOSITORY); only --engine triton reads the model from Triton")
+        return self
 
     @field_validator("cors_origins", mode="before")
     @classmethod

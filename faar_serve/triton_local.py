@@ -11,6 +11,10 @@ The repository is a folder, or a cloud URL that Triton's own loaders read
 (``s3://[host:port/]bucket/prefix`` with the usual ``AWS_*`` variables, ``gs://``, ``as://``).
 ``extra_args`` passes any other server option (``--model-control-mode=explicit``,
 ``--grpc-max-connection-age``...); ``metrics_port`` turns Triton's Prometheus metrics on.
+``explicit_models`` gives the options that load only the models named (Triton's explicit
+model control), e.g. ``faar`` from a repository that also holds ``faar_gpu``, whose
+KIND_GPU instances cannot load on a machine without a GPU (and would stop the server: it
+runs with ``--exit-on-error``).
 
 The model code runs in this interpreter's environment (numpy<2 is required there: with
 numpy 2 inputs arrive as zeros without any error). A stub that cannot load its libpython
@@ -45,6 +49,13 @@ REMOTE_REPOSITORIES = ("s3://", "gs://", "as://")  # Triton's cloud storage load
 
 class TritonStartError(RuntimeError):
     """The server did not come up; the message holds the end of its log."""
+
+
+def explicit_models(names: Sequence[str]) -> list[str]:
+    """Server options that load only ``names`` (none: every model in the repository)."""
+    if not names:
+        return []
+    return ["--model-control-mode=explicit", *(f"--load-model={name}" for name in names)]
 
 
 def _site_dir(package: str) -> Path:

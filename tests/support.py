@@ -3,7 +3,8 @@
 * ``settings``, ``manifest``: the gateway's settings and the export manifest of a repository;
 * ``image``, ``encode``, ``post_image``, ``load_npz``: test inputs and answers;
 * ``offline_inference``: the reference, computed without the gateway: Pillow resize to the
-  model size, ONNX Runtime on the file, maps resized back as the gateway documents;
+  model size, ONNX Runtime on the file, maps resized back by ``reference_resize``, a slow
+  float64 implementation written from the definitions ``faar_serve/codec/resize.py`` promises;
 * ``assert_maps_equal``: the gateway's maps against that reference;
 * ``LiveServer``: uvicorn on a free port in a thread, for tests where the socket matters
   (started and stopped by the ``live_server`` / ``live_gateway`` fixtures).
@@ -55,31 +56,44 @@ def encode(arr: np.ndarray | Image.Image, fmt: str = "PNG", **params: Any) -> by
     return buf.getvalue()
 
 
-def _resize(plane: np.ndarray, height: int, width: int, resample: Image.Resampling) -> np.ndarray:
-    return np.asarray(Image.fromarray(plane).resize((width, height), resample))
+def nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of each output index: floor((i + 0.5) * n_in / n_out), in exact integer arithmetic."""
+    return (2 * np.arange(n_out) + 1) * n_in // (2 * n_out)
+
+
+def bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two source indices and the weight of the second, per output index: half-pixel centres,
+    the sample position clamped to the first and last source pixel."""
+    x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    x0 = np.floor(x).astype(np.intp)
+    return x0, np.minimum(x0 + 1, n_in - 1), x - x0
+
+
+def reference_resize(kind: str, arr: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A model map (``[h, w]``, normals ``[3, h, w]``) at ``height x width``: labels nearest, the rest
+    bilinear in float64, normals renormalised."""
+    if kind == "labels":
+        return arr[np.ix_(nearest_index(arr.shape[0], height), nearest_index(arr.shape[1], width))]
+    r0, r1, fy = bilinear_taps(arr.shape[-2], height)
+    c0, c1, fx = bilinear_taps(arr.shape[-1], width)
+    a = arr.astype(np.float64)
+    top = a[..., r0, :][..., c0] * (1 - fx) + a[..., r0, :][..., c1] * fx
+    bottom = a[..., r1, :][..., c0] * (1 - fx) + a[..., r1, :][..., c1] * fx
+    out = top * (1 - fy)[:, None] + bottom * fy[:, None]
+    return out / np.linalg.norm(out, axis=0, keepdims=True) if kind == "normals" else out
 
 
 def offline_inference(session: ort.InferenceSession, meta: dict[str, Any], rgb: np.ndarray) -> dict[str, np.ndarray]:
     """task -> map at ``rgb``'s size: ONNX Runtime on the Pillow-resized image, maps resized back
-    (labels nearest; probability/depth bilinear; normals bilinear per axis, renormalised)."""
+    by ``reference_resize``."""
     _, h, w, _ = meta["inputs"][0]["shape"]
     height, width = rgb.shape[:2]
-    x = _resize(rgb, h, w, Image.Resampling.BILINEAR) if (height, width) != (h, w) else rgb
+    x = rgb
+    if (height, width) != (h, w):
+        x = np.asarray(Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR, reducing_gap=3.0))
     names = [o.name for o in session.get_outputs()]
     raw = dict(zip(names, (o[0] for o in session.run(names, {"image": x[None]})), strict=True))
-    maps = {}
-    for task, entry in meta["tasks"].items():
-        out = raw[task]
-        if (height, width) != (h, w):
-            if entry["kind"] == "labels":
-                out = _resize(out, height, width, Image.Resampling.NEAREST)
-            elif entry["kind"] == "normals":
-                out = np.stack([_resize(c, height, width, Image.Resampling.BILINEAR) for c in out])
-                out = out / np.linalg.norm(out, axis=0, keepdims=True)
-            else:
-                out = _resize(out, height, width, Image.Resampling.BILINEAR)
-        maps[task] = out
-    return maps
+    return {task: reference_resize(entry["kind"], raw[task], height, width) for task, entry in meta["tasks"].items()}
 
 
 def load_npz(data: bytes) -> dict[str, np.ndarray]:

@@ -55,11 +55,44 @@ def test_runtimes_quick(tmp_path: Path) -> None:
 def test_serving_quick(tmp_path: Path) -> None:
     result, stdout = run_quick("serving", tmp_path)
     assert {r["setup"] for r in result["rows"]} == {"onnx", "onnx_batching", "onnx_spin_wait", "triton"}
-    assert all(set(r["server_stage_p50_ms"]) == {"decode", "queue", "inference", "encode"} for r in result["rows"])
+    stages = {"decode", "resize", "queue", "inference", "encode"}
+    assert all(set(r["server_stage_p50_ms"]) == stages for r in result["rows"])
     assert all(r["errors"] == 0 and r["ok"] == r["requests"] for r in result["rows"])
     assert all(r["gateway_peak_rss_mib"] > 0 for r in result["rows"])
     assert set(result["bare_images_per_s"]) == {"b1", "b8"}
     assert "p99 ms" in stdout
+
+
+def test_imaging_quick(tmp_path: Path) -> None:
+    result, stdout = run_quick("imaging", tmp_path)
+    assert {r["decoder"] for r in result["decode"]} >= {"pillow", "pillow_draft"}
+    chosen = [r for r in result["encode"] if r["encoder"].startswith("codec writer")]
+    assert chosen and all(r["pillow_reads_bit_exact"] for r in result["encode"])
+    assert any(r["resize"].startswith("labels codec") for r in result["resize"])
+
+
+def test_data_path_quick(tmp_path: Path) -> None:
+    result, stdout = run_quick("data_path", tmp_path)
+    assert {(r["upload"], r["size"]) for r in result["rows"]} == {
+        (u, s) for u in ("320x240 PNG", "1280x720 JPEG") for s in ("original", "model")}
+    assert all(r["stages_ms"]["inference"] > 0 and r["work_over_inference"] > 0 for r in result["rows"])
+    assert "(decode + resize + encode) / inference" in stdout
+
+
+def test_predict_quick(tmp_path: Path) -> None:
+    result, stdout = run_quick("predict", tmp_path)
+    (row,) = result["rows"]
+    assert row["images"] == 8 and row["ratio"] > 0 and "faar-predict images/s" in stdout
+
+
+def test_quantization_quick(tmp_path: Path) -> None:
+    result, stdout = run_quick("quantization", tmp_path)
+    forms = {r["form"] for r in result["rows"]}
+    assert {"fp32", "int8_all"} <= forms and any(f.startswith("float:backbone") for f in forms)
+    assert {r["batch"] for r in result["rows"]} == {1, 2}
+    assert all(r["images_per_s"] > 0 for r in result["rows"])
+    assert result["setup"]["groups"] and isinstance(result["setup"]["cpu"]["vnni"], bool)
+    assert "x int8_all" in stdout
 
 
 def test_overload_quick(tmp_path: Path) -> None:

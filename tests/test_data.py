@@ -15,6 +15,7 @@ from faar.data import build_dataset
 from faar.data.scenes import (
     SCENE_CLASSES,
     SCENE_PARTS,
+    Scenes,
     render_scene,
     sample_scene,
     scene_seed,
@@ -170,6 +171,43 @@ def test_build_dataset_sample_format_and_collate():
     assert len(build_dataset(cfg, "val", tasks, (48, 56), train=False)) == 2
     with pytest.raises(ValueError, match="split 'test'"):
         build_dataset(cfg, "test", tasks, (48, 56), train=False)
+
+
+def test_label_drop_leaves_labels_out_of_training_samples_only():
+    cfg = DataConfig(dataset="scenes", num_train=40, num_val=8, label_drop=0.5)
+    train = build_dataset(cfg, "train", ALL_SCENE_TASKS, (32, 32), train=False)
+    kept = [train.labelled_tasks(i) for i in range(40)]
+    dropped = sum(len(ALL_SCENE_TASKS) - len(k) for k in kept)
+    assert 0.3 < dropped / (40 * len(ALL_SCENE_TASKS)) < 0.7
+    # decided by the sample's seed: the same for another dataset object and for a subset of tasks
+    again = build_dataset(cfg, "train", ["depth", "semseg"], (32, 32), train=False)
+    assert [set(again.labelled_tasks(i)) for i in range(40)] == [{t for t in k if t in ("semseg", "depth")}
+                                                            for k in kept]
+    i = next(i for i, k in enumerate(kept) if len(k) < len(ALL_SCENE_TASKS))
+    assert set(train.raw(i)) == {"image", "meta", *kept[i]}
+    val = build_dataset(cfg, "val", ALL_SCENE_TASKS, (32, 32), train=False)
+    assert all(set(val.raw(i)) == {"image", "meta", *ALL_SCENE_TASKS} for i in range(8))
+    with pytest.raises(ValueError, match="label_drop"):
+        Scenes(2, 0, "train", ALL_SCENE_TASKS, (32, 32), label_drop=1.0)
+
+
+def test_a_missing_label_becomes_an_unlabelled_map_of_the_real_shape():
+    """What the DataLoader carries for a missing label: the kind's all-unlabelled map, collated as usual."""
+    full = Scenes(2, 0, "train", ALL_SCENE_TASKS, (32, 40))
+
+    class NoLabels(Scenes):
+        def _load(self, index):
+            return {k: v for k, v in super()._load(index).items() if k in ("image", "meta")}
+
+    empty = NoLabels(2, 0, "train", ALL_SCENE_TASKS, (32, 40))
+    a, b = full[0], empty[0]
+    torch.testing.assert_close(b["image"], a["image"])
+    for task in ALL_SCENE_TASKS:
+        assert b[task].shape == a[task].shape and b[task].dtype == a[task].dtype, task
+    assert (b["semseg"] == 255).all() and (b["saliency"] == 255).all() and (b["edge"] == 255).all()
+    assert (b["normals"] == 0).all() and (b["depth"] == 0).all()
+    batch = default_collate([full[1], empty[1]])
+    assert batch["semseg"].shape == (2, 32, 40) and batch["normals"].shape == (2, 3, 32, 40)
 
 
 def test_validation_sample_is_the_normalised_raw_sample():

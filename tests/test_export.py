@@ -11,17 +11,18 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 import faar.export as export
 from faar.cli import export_main
 from faar.config import load_config
 from faar.export import ExportError, ExportOptions, check_parity, config_pbtxt, export_run
+from faar.export.graph import spectral_nodes, spectral_scopes, to_fp16
 from faar.model import IMAGENET_MEAN, IMAGENET_STD, build_model
 from faar.run import RunError, load_model, save_model
 from faar.tasks import TaskSpec, palette
-from faar_serve.manifest import parse_manifest
+from faar_serve.manifest import load_manifest, manifest_from_model_config, parse_manifest
 
 ONNX_TO_NP = {onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.FLOAT: "float32"}
 TRITON_TO_NP = {model_config_pb2.TYPE_UINT8: "uint8", model_config_pb2.TYPE_FP32: "float32"}
@@ -90,6 +91,25 @@ def images(n: int, size: tuple[int, int], seed: int = 7) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, *size, 3), dtype=np.uint8)
 
 
+def parse_config(text: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def tensor_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor of the graph (after ONNX shape inference)."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
+    return types | {t.name: t.data_type for t in g.initializer}
+
+
+def fp16_nodes(proto: onnx.ModelProto, names: set[str]) -> list[str]:
+    """Those of the nodes ``names`` that read or write a float16 tensor."""
+    types = tensor_types(proto)
+    return [n.name for n in proto.graph.node if n.name in names
+            and any(types.get(t) == onnx.TensorProto.FLOAT16 for t in (*n.input, *n.output))]
+
+
 # --- the repository and its files --------------------------------------------------------------
 def test_both_fft_modes_pass_parity_and_share_one_model_folder(exported, exported_dft, repo: Path) -> None:
     model_dir = repo / "faar"
@@ -121,6 +141,50 @@ def test_graphs_hold_no_adapter_and_the_right_transform(exported, exported_dft) 
         assert ("DFT" in {n.op_type for n in g.node}) == has_dft
         # rfft2 and irfft2 per task and pyramid level: 4 tasks x 4 levels x (2 + 2) one-axis DFTs
         assert result.manifest["export"]["op_types"].get("DFT", 0) == (64 if has_dft else 0)
+
+
+def test_uint8_only_at_the_graph_edges_for_tensorrt(exported, exported_dft) -> None:
+    """TensorRT takes UINT8 only as a network input or output: the image is cast to float before
+    anything else, and a label map is cast to uint8 as the last op, after an integer ArgMax."""
+    for result in (exported, exported_dft):
+        proto = onnx.load(str(result.onnx_path))
+        g = proto.graph
+        (first,) = [n for n in g.node if "image" in n.input]
+        assert first.op_type == "Cast" and first.attribute[0].i == onnx.TensorProto.FLOAT
+        edges = {v.name for v in (*g.input, *g.output)}
+        types = tensor_types(proto)
+        assert sorted(t for t, k in types.items() if k == onnx.TensorProto.UINT8 and t not in edges) == []
+        producer = {o: n for n in g.node for o in n.output}
+        for out in g.output:
+            if out.type.tensor_type.elem_type == onnx.TensorProto.UINT8:
+                cast = producer[out.name]
+                assert cast.op_type == "Cast" and producer[cast.input[0]].op_type == "ArgMax", out.name
+                assert types[cast.input[0]] in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+
+
+def test_spectral_blocks_are_found_by_scope_in_both_exporters(exported, exported_dft, run_dir: Path) -> None:
+    module = export.build_export_module(load_model(run_dir))
+    scopes = spectral_scopes(module)
+    assert scopes == [f"/model/decoder/spectral.{i}" for i in range(4)]
+    for result in (exported, exported_dft):
+        proto = onnx.load(str(result.onnx_path))
+        found = set(spectral_nodes(proto, scopes))
+        transforms = [n.name for n in proto.graph.node if n.op_type == "DFT" or
+                      (n.op_type == "MatMul" and any(s + "/dft" in n.name for s in scopes))]
+        assert transforms and set(transforms) <= found  # every DFT (MatMul or DFT node) is inside
+        assert not any("backbone" in n for n in found)
+
+
+def test_fp16_keeps_every_spectral_node_fp32_in_the_dynamo_graph(exported_dft, run_dir: Path) -> None:
+    """The conversion ``--fp16`` applies, on the dynamo graph (the TorchScript one is exported in
+    fp16 below): DFT nodes and all that surrounds them in the spectral blocks stay fp32."""
+    proto = onnx.load(str(exported_dft.onnx_path))
+    scopes = spectral_scopes(export.build_export_module(load_model(run_dir)))
+    names = set(spectral_nodes(proto, scopes))
+    converted = to_fp16(proto, scopes)
+    assert fp16_nodes(converted, names) == []
+    everything = {n.name for n in converted.graph.node}
+    assert len(fp16_nodes(converted, everything - names)) > 100  # the rest did become fp16
 
 
 def test_manifest_describes_tasks_outputs_ranks_and_file(exported, run_dir: Path) -> None:
@@ -158,6 +222,8 @@ def test_manifest_describes_tasks_outputs_ranks_and_file(exported, run_dir: Path
     assert params["after_merge"] > 0 and params["onnx_initializer_elements"] > 0
     assert m["export"]["options"]["fft"] == "matmul" and m["export"]["fft_backend"] == "matmul"
     assert m["parity"]["tolerance"] == {"max_abs": 1e-3, "mean_abs": 1e-4, "min_label_agreement": 0.999}
+    assert m["parity"]["provider"] == "CPUExecutionProvider" and "CPUExecutionProvider" in m["parity"]["candidate"]
+    assert m["export"]["options"]["queue_timeout_s"] == 10.0 and m["export"]["options"]["tf32"] is False
 
 
 def test_manifest_round_trips_through_the_gateway_schema(exported, exported_dft) -> None:
@@ -179,7 +245,10 @@ def test_config_pbtxt_parses_with_triton_schema_and_matches_the_graph(exported, 
     assert cfg.dynamic_batching.max_queue_delay_microseconds > 0
     policy = cfg.dynamic_batching.default_queue_policy  # past the caller's deadline: dropped, not run
     assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT and policy.allow_timeout_override
+    # Triton takes a request's timeout only below this default; 0 would ignore every one
+    assert policy.default_timeout_microseconds == 10_000_000
     assert [g.kind for g in cfg.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
+    assert not cfg.HasField("optimization")  # the GPU section is only in GPU exports
     (warmup,) = cfg.model_warmup
     assert warmup.inputs["image"].zero_data and list(warmup.inputs["image"].dims) == [64, 64, 3]
     for result in (exported, exported_dft):
@@ -193,16 +262,55 @@ def test_config_pbtxt_parses_with_triton_schema_and_matches_the_graph(exported, 
                 assert TRITON_TO_NP[t.data_type] == ONNX_TO_NP[v.type.tensor_type.elem_type], t.name
 
 
+def test_config_pbtxt_carries_each_versions_manifest(exported, exported_dft, repo: Path) -> None:
+    """What a gateway without the repository reads: config.pbtxt's parameters, as Triton's
+    model-config API gives them (protobuf's JSON), are exactly each version's manifest.json."""
+    cfg = json_format.MessageToDict(parse_config((repo / "faar" / "config.pbtxt").read_text()),
+                                    preserving_proto_field_name=True)
+    assert sorted(cfg["parameters"]) == ["faar_manifest_v1", "faar_manifest_v2"]
+    for result, version in ((exported, 1), (exported_dft, 2)):
+        got = manifest_from_model_config(cfg, version, "config.pbtxt")
+        assert got.to_json() == result.manifest_path.read_text()
+
+
 @pytest.mark.parametrize("device_kind, max_batch, preferred", [("gpu", 1, []), ("cpu", 6, [2, 4, 6])])
 def test_config_pbtxt_options(exported, device_kind: str, max_batch: int, preferred: list[int]) -> None:
     module = export.build_export_module(load_model(exported.manifest["source"]["run"]))
-    options = ExportOptions(device_kind=device_kind, max_batch_size=max_batch, fft="dft")
+    options = ExportOptions(device_kind=device_kind, max_batch_size=max_batch, fft="dft", queue_timeout_s=0.25)
     text = config_pbtxt("m", module.inputs, module.outputs, options)
-    cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
+    cfg = parse_config(text)
     assert cfg.max_batch_size == max_batch and list(cfg.dynamic_batching.preferred_batch_size) == preferred
+    assert cfg.dynamic_batching.default_queue_policy.default_timeout_microseconds == 250_000
     kind = model_config_pb2.ModelInstanceGroup.Kind.Value(f"KIND_{device_kind.upper()}")
     assert [g.kind for g in cfg.instance_group] == [kind]
-    assert "tensorrt" in text and "DFT nodes" in text  # TensorRT/CUDA-graph hints stay comments
+    assert "DFT nodes" in text and "cuda_graph" not in text  # CUDA graphs cannot work with dynamic batching
+    if device_kind == "gpu":
+        (cuda,) = cfg.optimization.execution_accelerators.gpu_execution_accelerator
+        assert cuda.name == "cuda" and dict(cuda.parameters) == {"use_tf32": "0"}
+        tf32 = parse_config(config_pbtxt("m", module.inputs, module.outputs, ExportOptions(device_kind="gpu",
+                                                                                           tf32=True)))
+        assert dict(tf32.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters) == {
+            "use_tf32": "1"}
+        # TensorRT stays a comment: FP32, LayerNorm fallback, an engine cache outside the read-only repository
+        trt = "\n".join(line.strip().removeprefix("#").strip() for line in text.splitlines() if "#" in line)
+        assert 'key: "precision_mode" value: "FP32"' in trt and "trt_layer_norm_fp32_fallback" in trt
+        assert 'key: "trt_engine_cache_path" value: "/tmp/trt_cache/m"' in trt
+        enabled = text.replace("# , {", ", {").replace("#   ", "    ").replace("  # }", "  }")
+        both = parse_config(enabled).optimization.execution_accelerators.gpu_execution_accelerator
+        assert [a.name for a in both] == ["cuda", "tensorrt"]  # uncommented as told, it parses
+    else:
+        assert "tensorrt" not in text and not cfg.HasField("optimization")
+
+
+def test_model_names_follow_the_device_kind(exported, run_dir: Path, repo: Path) -> None:
+    """config.pbtxt (with its instance kind) is shared by every version: a GPU export under the CPU
+    model's name would leave no version loadable on a CPU server, so it is refused before any work."""
+    assert ExportOptions().name == "faar" and ExportOptions(device_kind="gpu").name == "faar_gpu"
+    assert ExportOptions(device_kind="gpu", name="mine").name == "mine"
+    before = snapshot(repo)
+    with pytest.raises(ExportError, match="is a cpu model .*another --name .*'faar_gpu'"):
+        export_run(run_dir, repo, ExportOptions(name="faar", device_kind="gpu", version=3))
+    assert snapshot(repo) == before
 
 
 # --- what the graph computes ----------------------------------------------------------------
@@ -256,6 +364,15 @@ def test_check_parity_fails_on_a_real_difference(exported, run_dir: Path) -> Non
     assert report["outputs"]["depth"]["max_abs_error"] > 1e-3
 
 
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="a CUDA build runs it")
+def test_parity_on_cuda_needs_cuda(exported, run_dir: Path) -> None:
+    """--parity-device cuda never quietly checks on the CPU."""
+    reference = export.build_export_module(load_model(run_dir))
+    with pytest.raises(ExportError, match="parity on cuda: .*has no CUDAExecutionProvider"):
+        check_parity(exported.onnx_path, reference, export.parity_batches((64, 64))[:1],
+                     export.TOLERANCES["fp32"], device="cuda")
+
+
 # --- refusals leave nothing behind --------------------------------------------------------------
 def test_missing_incomplete_and_incompatible_run_dirs(run_dir: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
@@ -284,6 +401,8 @@ def test_missing_incomplete_and_incompatible_run_dirs(run_dir: Path, tmp_path: P
     (ExportOptions(fft="dft", exporter="torchscript"), "cannot export torch.fft"),
     (ExportOptions(fft="dft", opset=17), "opset"),
     (ExportOptions(max_batch_size=0), "max_batch_size"),
+    (ExportOptions(queue_timeout_s=0), "queue_timeout_s"),
+    (ExportOptions(parity_device="gpu"), "parity_device"),  # type: ignore[arg-type]
 ])
 def test_bad_options(run_dir: Path, tmp_path: Path, options: ExportOptions, message: str) -> None:
     with pytest.raises(ExportError, match=message):
@@ -340,7 +459,8 @@ def test_cli_help_lists_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 0
     text = capsys.readouterr().out
     options = ("--run --out --name --version --height --width --fft --exporter --fp16 --opset "
-               "--max-batch-size --device-kind --probabilities --overwrite")
+               "--max-batch-size --device-kind --probabilities --overwrite --tf32 --queue-timeout-s "
+               "--parity-device")
     for option in options.split():
         assert option in text
 
@@ -373,6 +493,16 @@ def test_cli_fp16_overwrite_keeps_other_versions(exported, exported_dft, repo: P
     assert manifest["export"]["fp16"] and manifest["parity"]["passed"]
     assert manifest["parity"]["tolerance"] == {"max_abs": 0.1, "mean_abs": 5e-3, "min_label_agreement": 0.98}
     assert (copy / "faar" / "2" / "model.onnx").read_bytes() == exported_dft.onnx_path.read_bytes()
-    cfg = text_format.Parse((copy / "faar" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    cfg = parse_config((copy / "faar" / "config.pbtxt").read_text())
     assert cfg.max_batch_size == 4
     assert not leftovers(copy)
+    # no MatMul of the spectral blocks (the DFT of --fft matmul) computes in fp16; the backbone's do
+    proto = onnx.load(str(copy / "faar" / "1" / "model.onnx"))
+    matmuls = {n.name for n in proto.graph.node if n.op_type == "MatMul"}
+    spectral = {n for n in matmuls if "/model/decoder/spectral." in n}
+    assert spectral and fp16_nodes(proto, spectral) == []
+    assert fp16_nodes(proto, {n for n in matmuls if "/model/backbone/" in n})
+    # config.pbtxt now carries the fp16 version 1 and the untouched version 2
+    params = json_format.MessageToDict(cfg, preserving_proto_field_name=True)
+    assert manifest_from_model_config(params, 1, "config").export.fp16
+    assert manifest_from_model_config(params, 2, "config") == load_manifest(copy / "faar" / "2" / "manifest.json")

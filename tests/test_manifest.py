@@ -15,7 +15,16 @@ from typing import Any
 import pytest
 
 from faar_serve.engines import BatchLimit
-from faar_serve.manifest import FORMAT_VERSION, KINDS, Manifest, ManifestError, ModelSpec, load_manifest, parse_manifest
+from faar_serve.manifest import (
+    FORMAT_VERSION,
+    KINDS,
+    Manifest,
+    ManifestError,
+    ModelSpec,
+    load_manifest,
+    manifest_from_model_config,
+    parse_manifest,
+)
 
 FORMAT1 = Path(__file__).parent / "data" / "manifest_format1.json"
 
@@ -106,3 +115,34 @@ def test_every_kind_faar_defines_has_a_schema_model() -> None:
 def test_batch_limit_is_the_request_capped_by_the_model(requested: int | None, model: int, cpu: bool,
                                                         size: int) -> None:
     assert BatchLimit(requested=requested, model=model).size(cpu=cpu) == size
+
+
+def test_optional_fields_are_written_only_when_the_manifest_has_them(data: dict[str, Any]) -> None:
+    """Fields added within format 1 (TF32, queue timeout, parity provider) stay out of an older file."""
+    old = Manifest.model_validate(data)
+    assert old.export.options.tf32 is None and '"tf32"' not in old.to_json()
+    new = Manifest.model_validate(edit(edit(data, "export.options.tf32", False), "parity.provider", "CUDA"))
+    assert '"tf32": false' in new.to_json() and json.loads(new.to_json(compact=True))["parity"]["provider"] == "CUDA"
+    assert "\n" not in new.to_json(compact=True)
+
+
+def test_the_copy_in_a_triton_model_config_is_read_per_version(data: dict[str, Any]) -> None:
+    """The gateway in front of Triton reads ``faar_manifest_v<version>`` of the model config."""
+    text = Manifest.model_validate(data).to_json(compact=True)
+    config = {"name": "faar", "parameters": {"faar_manifest_v3": {"string_value": text}}}
+    assert manifest_from_model_config(config, 3, "triton").to_json() == Manifest.model_validate(data).to_json()
+    with pytest.raises(ManifestError, match="^triton has no parameter 'faar_manifest_v1': .*re-export"):
+        manifest_from_model_config(config, 1, "triton")
+    with pytest.raises(ManifestError, match="^triton: parameter 'faar_manifest_v3' is not JSON"):
+        manifest_from_model_config({"parameters": {"faar_manifest_v3": {"string_value": text[:-9]}}}, 3, "triton")
+    bad = json.dumps(edit(data, "tasks.depth.units", ...))
+    with pytest.raises(ManifestError, match=r"triton \(faar_manifest_v3\) is not a valid .*tasks.depth.depth.units"):
+        manifest_from_model_config({"parameters": {"faar_manifest_v3": {"string_value": bad}}}, 3, "triton")
+
+
+def test_a_spec_read_from_triton_has_a_name_and_no_onnx_file() -> None:
+    spec = ModelSpec.from_manifest(load_manifest(FORMAT1), None, 2, max_batch_size=8, name="faar_gpu")
+    assert (spec.name, spec.version, spec.model_dir) == ("faar_gpu", 2, None)
+    assert spec.output_names == ["semseg", "saliency", "normals", "depth"]  # the maps, not semseg_probs
+    with pytest.raises(ManifestError, match="read from Triton"):
+        _ = spec.onnx_path

@@ -1,4 +1,5 @@
-"""Metrics against hand-computed cases, a brute-force saliency reference, Delta_m on the paper's numbers."""
+"""Metrics against hand-computed cases, references written here in numpy from MTI-Net's definitions
+(never calls into faar.metrics), and Delta_m on the paper's numbers."""
 
 from __future__ import annotations
 
@@ -51,8 +52,9 @@ def test_semseg_miou_by_hand() -> None:
     r = run(tasks, pred, gt)
     # valid pixels (gt, pred): (0,0) (0,1) (1,1) (1,1) (2,0)
     # class 0: tp 1, fp 1, fn 1 -> 1/3; class 1: tp 2, fp 1 -> 2/3; class 2: tp 0, fn 1 -> 0;
-    # class 3 absent from both -> left out (the reference would count it as 0 and give 25%).
-    assert r["miou"] == pytest.approx(100 * (1 / 3 + 2 / 3 + 0) / 3)
+    # class 3 absent from both: IoU 0 in the published mean (MTI-Net), left out of miou_present.
+    assert r["miou"] == pytest.approx(100 * (1 / 3 + 2 / 3 + 0 + 0) / 4)
+    assert r["miou_present"] == pytest.approx(100 * (1 / 3 + 2 / 3 + 0) / 3)
     assert r["pixel_acc"] == pytest.approx(100 * 3 / 5)
     assert r["classes_present"] == 3
     assert r["iou_background"] == pytest.approx(100 / 3)
@@ -88,7 +90,34 @@ def test_prediction_is_resized_to_the_label() -> None:
     gt = torch.full((1, 8, 8), 3)
     gt[0, 0] = 255
     r = run(tasks, pred, gt)
-    assert r["miou"] == 100 and r["pixel_acc"] == 100 and r["classes_present"] == 1
+    assert r["miou_present"] == 100 and r["pixel_acc"] == 100 and r["classes_present"] == 1
+    assert r["miou"] == pytest.approx(100 / 7)  # six of the seven classes absent: IoU 0 each
+
+
+def reference_miou(label: np.ndarray, gt: np.ndarray, n: int) -> float:
+    """MTI-Net's eval_semseg: per class tp / fp / fn over valid pixels, jaccard = tp / max(tp+fp+fn, 1e-8),
+    mean over all n classes."""
+    valid = gt != 255
+    jac = []
+    for c in range(n):
+        tp = np.sum((gt == c) & (label == c) & valid)
+        fp = np.sum((gt != c) & (label == c) & valid)
+        fn = np.sum((gt == c) & (label != c) & valid)
+        jac.append(tp / max(tp + fp + fn, 1e-8))
+    return 100 * float(np.mean(jac))
+
+
+def test_miou_matches_the_reference_definition() -> None:
+    tasks = one_task("semseg")  # 21 classes; the random labels below never use classes 15..20
+    g = torch.Generator().manual_seed(3)
+    gt = torch.randint(0, 12, (4, 9, 11), generator=g)
+    gt[:, 0] = 255
+    logits = torch.randn(4, 21, 9, 11, generator=g)
+    logits[:, 15:] -= 100
+    r = run(tasks, logits, gt)
+    expected = reference_miou(logits.argmax(1).numpy(), gt.numpy(), 21)
+    assert r["miou"] == pytest.approx(expected, abs=1e-9)
+    assert r["miou_present"] > r["miou"]
 
 
 # --- saliency ------------------------------------------------------------------------------------------
@@ -111,11 +140,23 @@ def test_saliency_by_hand() -> None:
     #   0.65-0.90: A 1/2, B 1 (both empty)         -> 3/4   <- max, first at 0.65
     assert r["miou"] == pytest.approx(75.0)
     assert r["miou_threshold"] == pytest.approx(0.65)
-    # Image-averaged P, R -> F_beta, beta^2 = 0.3: 0.35-0.50 has P = R = 1/2 -> F = 1/2, the max
-    # (0.20-0.30: P 1/3, R 1/2 -> 0.361; later: P 1/2, R 1/4 -> 0.406).
+    # Image-averaged P, R: 0.35-0.50 has P = R = 1/2, the max of both F = 2PR/(P+R) and F_beta
+    # (0.20-0.30: P 1/3, R 1/2 -> F 0.4; later: P 1/2, R 1/4 -> F 1/3).
     assert r["maxf"] == pytest.approx(50.0)
+    assert r["maxf_beta"] == pytest.approx(50.0)
     # Pooled counts: 0.65-0.90 has tp 1, predicted 1, positives 2 -> P 1, R 1/2 -> 1.3*0.5/(0.3+0.5).
-    assert r["maxf_pooled"] == pytest.approx(100 * 1.3 * 0.5 / 0.8)
+    assert r["maxf_beta_pooled"] == pytest.approx(100 * 1.3 * 0.5 / 0.8)
+
+
+def test_saliency_maxf_is_f1_not_f_beta() -> None:
+    """One image where the two F-measures peak at different thresholds (MTI-Net's maxF is F1)."""
+    pred = logits_of([[0.95, 0.57], [0.32, 0.47]])
+    gt = torch.tensor([[[[1.0, 1.0], [1.0, 0.0]]]])
+    r = run(one_task("saliency"), pred, gt)
+    # 0.20-0.30: all four predicted: P 3/4, R 1 -> F1 6/7 (the max), F_beta 0.796
+    # 0.35-0.45: P 2/3, R 2/3; 0.50-0.55: P 1, R 2/3 -> F1 0.8, F_beta 0.8966 (its max)
+    assert r["maxf"] == pytest.approx(100 * 6 / 7)
+    assert r["maxf_beta"] == pytest.approx(100 * 1.3 * (2 / 3) / (0.3 + 2 / 3))
 
 
 def test_saliency_thresholds_are_the_references() -> None:
@@ -137,9 +178,10 @@ def test_saliency_skips_images_without_valid_pixels() -> None:
     assert run(one_task("saliency"), pred2, gt2) == r
 
 
-def brute_force_saliency(prob: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
-    """ASTMT's loop: per threshold and image jaccard / precision / recall, then max of the averages."""
-    ious, precs, recs = [], [], []
+def brute_force_saliency(prob: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    """ASTMT's / MTI-Net's loop: per threshold and image jaccard / precision / recall, the averages over
+    images, F = 2PR/(P+R) of the averages, the max over thresholds; plus the two F-beta variants."""
+    ious, precs, recs, tps, preds = [], [], [], [], []
     for t in np.linspace(0.2, 0.9, 15):
         iou, prec, rec = [], [], []
         for p, g in zip(prob, gt, strict=True):
@@ -151,9 +193,13 @@ def brute_force_saliency(prob: np.ndarray, gt: np.ndarray) -> tuple[float, float
         ious.append(np.mean(iou))
         precs.append(np.mean(prec))
         recs.append(np.mean(rec))
+        tps.append(((prob > t) & gt.astype(bool)).sum())
+        preds.append((prob > t).sum())
     p, r = np.array(precs), np.array(recs)
-    f = 1.3 * p * r / (0.3 * p + r + 1e-12)
-    return 100 * max(ious), 100 * f.max()
+    pp, pr = np.array(tps) / np.maximum(preds, 1), np.array(tps) / gt.astype(bool).sum()
+    return {"miou": 100 * max(ious), "maxf": 100 * (2 * p * r / (p + r + 1e-12)).max(),
+            "maxf_beta": 100 * (1.3 * p * r / (0.3 * p + r + 1e-12)).max(),
+            "maxf_beta_pooled": 100 * (1.3 * pp * pr / (0.3 * pp + pr + 1e-12)).max()}
 
 
 def test_saliency_matches_brute_force_reference() -> None:
@@ -162,9 +208,9 @@ def test_saliency_matches_brute_force_reference() -> None:
     gt = (torch.rand(6, 1, 9, 7, generator=g) < 0.4).float()
     gt[2] = 0  # an image with nothing salient
     r = run(one_task("saliency"), logits, gt)
-    miou, maxf = brute_force_saliency(logits.sigmoid().squeeze(1).numpy(), gt.squeeze(1).numpy())
-    assert r["miou"] == pytest.approx(miou, abs=1e-9)
-    assert r["maxf"] == pytest.approx(maxf, abs=1e-6)
+    expected = brute_force_saliency(logits.sigmoid().squeeze(1).numpy(), gt.squeeze(1).numpy())
+    for key, value in expected.items():
+        assert r[key] == pytest.approx(value, abs=1e-6), key
 
 
 # --- normals -------------------------------------------------------------------------------------------
@@ -219,6 +265,25 @@ def test_depth_by_hand() -> None:
     assert r["rmse"] == pytest.approx(math.sqrt((0.2**2 + 0 + 2**2 + 0.5**2 + 0) / 5))
     assert r["abs_rel"] == pytest.approx((0.2 + 0 + 0.5 + 1 + 0) / 5)
     assert r["delta1"] == pytest.approx(100 * 3 / 5)  # ratios 1.2, 1, 1.5, inf, 1
+    # log-rmse as MTI-Net: the prediction clamped to 1e-9 before the log
+    logs = [math.log(1 / 1.2), 0, math.log(4 / 6), math.log(0.5 / 1e-9), 0]
+    assert r["log_rmse"] == pytest.approx(math.sqrt(sum(v * v for v in logs) / 5))
+
+
+def test_depth_matches_the_reference_definition() -> None:
+    """MTI-Net's eval_depth on random maps: pixels pooled over images, label 0 = no label."""
+    g = torch.Generator().manual_seed(4)
+    gt = torch.rand(3, 1, 8, 6, generator=g) * 6
+    gt[gt < 0.8] = 0
+    pred = torch.randn(3, 1, 8, 6, generator=g) * 3 + 2  # some negative: clamped
+    r = run(one_task("depth"), pred, gt)
+    label, p = gt.numpy().astype(np.float64), pred.numpy().astype(np.float64)
+    valid = label != 0
+    p = np.maximum(p, 0)  # the depth task's activation
+    p[p <= 0] = 1e-9
+    assert r["rmse"] == pytest.approx(np.sqrt(np.mean((label[valid] - p[valid]) ** 2)), rel=1e-9)
+    assert r["log_rmse"] == pytest.approx(np.sqrt(np.mean((np.log(label[valid]) - np.log(p[valid])) ** 2)),
+                                          rel=1e-9)
 
 
 # --- edge ----------------------------------------------------------------------------------------------
@@ -338,6 +403,20 @@ def test_trivial_baseline_constants_and_scores() -> None:
     # the mean is the constant with the least rmse: the rmse is the population std of valid depths
     assert r["depth"]["rmse"] == pytest.approx(depth[depth > 0].double().std(unbiased=False).item(), rel=1e-5)
     assert set(r) == set(ALL)
+
+
+def test_samples_without_a_label_do_not_count() -> None:
+    """A sample whose label is all unlabelled (how a missing label arrives) changes no task's metrics."""
+    tasks = resolve_tasks(ALL)
+    targets, preds = random_targets(5, b=3), random_preds(6, tasks, b=3)
+    subset = MultiTaskMetrics(tasks)
+    subset.update({n: p[[0, 2]] for n, p in preds.items()}, {n: t[[0, 2]] for n, t in targets.items()})
+    mixed = MultiTaskMetrics(tasks)
+    unlabelled = {n: t.clone() for n, t in targets.items()}
+    for name, spec in tasks.items():
+        unlabelled[name][1] = spec.rules.unlabelled(spec, (6, 5))
+    mixed.update(preds, unlabelled)
+    assert mixed.compute() == subset.compute()
 
 
 def test_missing_task_raises() -> None:

@@ -95,7 +95,7 @@ def gateway_maps(repo: Path, url: str, rgb: np.ndarray) -> tuple[int, dict[str, 
     with TestClient(app) as client:
         assert client.get("/readyz").json()["ready"] is True
         version = client.get("/v1/model").json()["model"]["version"]
-        r = client.post("/v1/predict", params={"format": "npz"}, files=post_image(encode(rgb)))
+        r = client.post("/v1/predict", params={"format": "npz", "precision": "float32"}, files=post_image(encode(rgb)))
         assert r.status_code == 200, r.text
         return version, load_npz(r.content)
 

@@ -26,7 +26,7 @@ class Two(nn.Module):
 
 
 def test_keep_count_covers_rho_with_floor() -> None:
-    p = PDRS(Two(), PDRSConfig(rho_shared=0.9, min_rank=1))
+    p = PDRS(Two(), PDRSConfig(rho_shared=0.9, margin=0, min_rank=1))
     assert p.keep_count(torch.tensor([5.0, 3.0, 1.0, 1.0]), 0.5) == 1
     assert p.keep_count(torch.tensor([5.0, 3.0, 1.0, 1.0]), 0.8) == 2
     assert p.keep_count(torch.tensor([5.0, 3.0, 1.0, 1.0]), 0.95) == 4
@@ -34,6 +34,21 @@ def test_keep_count_covers_rho_with_floor() -> None:
     assert p.keep_count(torch.zeros(3), 0.95) == 3  # no signal yet: keep all
     p.cfg.min_rank = 3
     assert p.keep_count(torch.tensor([5.0, 0.0, 0.0, 0.0]), 0.5) == 3
+
+
+def test_keep_count_margin_and_floor_as_the_release() -> None:
+    """FAAR's release keeps max(floor, min(rank, K + margin)) with margin 1 and floor 2: our defaults."""
+    cfg = PDRSConfig()
+    assert (cfg.margin, cfg.min_rank) == (1, 2)
+    p = PDRS(Two(), cfg)
+    scores = torch.tensor([5.0, 3.0, 1.0, 1.0])
+    assert p.keep_count(scores, 0.5) == 2  # K = 1, plus the margin
+    assert p.keep_count(scores, 0.8) == 3  # K = 2, plus the margin
+    assert p.keep_count(scores, 0.95) == 4  # K = 4: never more than the current rank
+    assert p.keep_count(torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0]), 0.5) == 2  # K = 1
+    assert p.keep_count(torch.tensor([1.0]), 0.5) == 1  # an adapter already below the floor stays
+    p.cfg.margin = 3
+    assert p.keep_count(torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0]), 0.5) == 4
 
 
 def test_sampled_prefix_and_scores_only_for_active_ranks() -> None:
@@ -55,7 +70,7 @@ def test_shrink_moves_best_to_front_and_slices_optimizer_state() -> None:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model(torch.randn(4, 8)).sum().backward()
     opt.step()
-    p = PDRS(model, PDRSConfig(rho_shared=0.8, rho_task=0.99))
+    p = PDRS(model, PDRSConfig(rho_shared=0.8, rho_task=0.99, margin=0, min_rank=1))
     p.scores["a"] = torch.tensor([0.1, 4.0, 0.1, 0.1, 5.0, 0.1])  # keep 4 then 1
     p.scores["b"] = torch.tensor([1.0, 1.0, 1.0, 1.0])
     A_before = model.a.lora_A.detach().clone()
@@ -94,7 +109,7 @@ def test_pdrs_on_the_model_shrinks_and_keeps_outputs_of_kept_ranks() -> None:
     model.eval()
     p.shrink(opt)
     assert mean_rank(model) < start
-    assert all(a.rank >= 1 for a in p.adapters.values())
+    assert all(a.rank >= cfg.pdrs.min_rank for a in p.adapters.values())
     state = p.state_tensors()
     fresh = PDRS(model, cfg.pdrs)
     fresh.load_state_tensors(state)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -26,9 +27,10 @@ from support import OfflineMaps, ServeApp, assert_maps_equal, encode, image, loa
 
 from faar_serve.app import create_app
 from faar_serve.cli import load_settings
-from faar_serve.engines import EngineResult
+from faar_serve.engines import EngineFailure, EngineResult
 from faar_serve.manifest import ManifestError
 
+EXACT = {"format": "npz", "precision": "float32"}  # the arrays the offline reference is compared with
 ALL_TASKS = ["semseg", "human_parts", "saliency", "normals", "depth", "edge"]
 
 
@@ -52,7 +54,8 @@ def test_json_answer_has_every_map_at_the_image_size_equal_to_offline(client: Te
     body = r.json()
     assert (body["model"], body["version"], body["width"], body["height"]) == ("faar", 1, 120, 90)
     assert list(body["tasks"]) == ALL_TASKS
-    assert set(body["timings_ms"]) == {"decode", "queue", "inference", "encode"}
+    assert (body["image_width"], body["image_height"]) == (120, 90)
+    assert set(body["timings_ms"]) == {"decode", "resize", "queue", "inference", "encode"}
     assert "inference;dur=" in r.headers["server-timing"]
     want = offline_maps(rgb)
     tasks = body["tasks"]
@@ -81,7 +84,7 @@ def test_json_answer_has_every_map_at_the_image_size_equal_to_offline(client: Te
 
 def test_npz_answer_holds_the_exact_arrays(client: TestClient, offline_maps: OfflineMaps) -> None:
     for rgb in (image(2), image(3, height=50, width=77)):
-        r = client.post("/v1/predict", params={"format": "npz"}, files=post_image(encode(rgb)))
+        r = client.post("/v1/predict", params=EXACT, files=post_image(encode(rgb)))
         assert r.status_code == 200, r.text
         got = load_npz(r.content)
         assert_maps_equal(got, offline_maps(rgb))
@@ -100,7 +103,7 @@ def test_task_subset_and_unknown_task(client: TestClient) -> None:
 def test_batch_endpoint_answers_in_order(client: TestClient, offline_maps: OfflineMaps) -> None:
     images = [image(10 + i, height=40 + 8 * i, width=64) for i in range(3)]
     files = [("images", (f"{i}.png", encode(a), "image/png")) for i, a in enumerate(images)]
-    r = client.post("/v1/predict/batch", params={"format": "npz"}, files=files)
+    r = client.post("/v1/predict/batch", params=EXACT, files=files)
     assert r.status_code == 200, r.text
     arrays = load_npz(r.content)
     for i, rgb in enumerate(images):
@@ -137,7 +140,7 @@ def _variants() -> dict[str, tuple[bytes, np.ndarray]]:
 @pytest.mark.parametrize("kind", list(_variants()))
 def test_formats_and_modes_become_rgb(client: TestClient, kind: str, offline_maps: OfflineMaps) -> None:
     data, seen = _variants()[kind]
-    r = client.post("/v1/predict", params={"format": "npz"}, files=post_image(data, f"x.{kind}"))
+    r = client.post("/v1/predict", params=EXACT, files=post_image(data, f"x.{kind}"))
     assert r.status_code == 200, r.text
     assert_maps_equal(load_npz(r.content), offline_maps(seen))
 
@@ -148,7 +151,7 @@ def test_jpeg_exif_orientation_is_applied(client: TestClient, offline_maps: Offl
     exif[0x0112] = 6  # stored landscape, displayed rotated 90 degrees clockwise (portrait)
     data = encode(rgb, "JPEG", quality=95, exif=exif)
     shown = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").transpose(Image.Transpose.ROTATE_270))
-    r = client.post("/v1/predict", params={"format": "npz"}, files=post_image(data, "x.jpg"))
+    r = client.post("/v1/predict", params=EXACT, files=post_image(data, "x.jpg"))
     assert r.status_code == 200, r.text
     got = load_npz(r.content)
     assert got["semseg"].shape == (64, 40)
@@ -185,7 +188,7 @@ def test_bad_upload_gets_a_clear_4xx(client: TestClient, case: str, offline_maps
     r = client.post("/v1/predict", files=post_image(data))
     assert r.status_code == status, r.text
     assert r.json()["error"] == code and r.json()["detail"]
-    ok = client.post("/v1/predict", params={"format": "npz"}, files=post_image(encode(image(32))))
+    ok = client.post("/v1/predict", params=EXACT, files=post_image(encode(image(32))))
     assert ok.status_code == 200
     assert_maps_equal(load_npz(ok.content), offline_maps(image(32)))
 
@@ -241,7 +244,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_maps(repo: Path, 
     assert min(np.abs(a - b).max() for i, a in enumerate(cropped) for b in cropped[i + 1:]) > 1e-3
     app = create_app(settings(repo, max_batch_size=8, max_queue_delay_ms=50))  # CPU default: 1
     server = live_server(app)
-    responses = asyncio.run(_post_many(server.url, [encode(a) for a in images], {"format": "npz"}))
+    responses = asyncio.run(_post_many(server.url, [encode(a) for a in images], EXACT))
     metrics = httpx.get(server.url + "/metrics").text
     for r, want in zip(responses, wants, strict=True):
         assert r.status_code == 200, r.text
@@ -298,13 +301,16 @@ def test_overload_answers_503_with_retry_after_and_recovers(repo: Path, live_ser
 # --- operations, auth, CORS -----------------------------------------------------------------------
 def test_health_ready_model_metrics_docs(client: TestClient, repo: Path) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"ready": True, "engine": "onnx", "model": "faar", "version": 1}
+    assert client.get("/readyz").json() == {"ready": True, "engine": "onnx", "model": "faar", "version": 1,
+                                            "provider": "CPUExecutionProvider", "detail": None}
     meta, model = manifest(repo), client.get("/v1/model").json()
     assert {k: model[k] for k in ("model", "input_size", "tasks")} == {k: meta[k] for k in ("model", "input_size",
                                                                                           "tasks")}
     assert model["parity"]["passed"] and model["onnx_sha256"] == meta["onnx"]["sha256"]
     client.post("/v1/predict", files=post_image(encode(image(40))))
     text = client.get("/metrics").text
+    assert ('faar_engine_info{engine="onnx",model="faar",provider="CPUExecutionProvider",version="1"} 1.0'
+            in text)  # what runs the graph, read from the session at each scrape
     for name in ("faar_requests_total", "faar_request_duration_seconds_bucket", "faar_queue_depth",
                  "faar_engine_batch_size_bucket", 'faar_stage_duration_seconds_count{stage="inference"}'):
         assert name in text
@@ -352,6 +358,20 @@ def test_settings_from_flags_and_environment(repo: Path, monkeypatch: pytest.Mon
         load_settings(["--model-repository", str(repo), "--max-queue", "0"])
     with pytest.raises(SystemExit):
         load_settings(["--model-repository", str(repo), "--engine", "tensorflow"])
+    # the repository is the embedded engine's; the triton engine reads the model from Triton
+    monkeypatch.delenv("FAAR_ENGINE")
+    with pytest.raises(SystemExit, match="the onnx engine needs model_repository"):
+        load_settings([])
+    assert load_settings(["--engine", "triton"]).model_repository is None
+    assert not s.cuda_tf32 and load_settings(["--engine", "triton", "--cuda-tf32"]).cuda_tf32
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="a CUDA build has it")
+def test_device_cuda_without_cuda_stops_the_start(repo: Path) -> None:
+    """--device cuda never serves on the CPU quietly (this onnxruntime is the CPU build)."""
+    with pytest.raises(EngineFailure, match="device cuda, but this onnxruntime .* has no CUDAExecutionProvider"):
+        with TestClient(create_app(settings(repo, device="cuda"))):
+            pass
 
 
 def test_gateway_never_imports_training_code(repo: Path) -> None:

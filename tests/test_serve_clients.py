@@ -56,7 +56,7 @@ def test_loadgen_reports_throughput_percentiles_and_errors(live_gateway: LiveSer
     assert report["throughput_rps"] > 0
     assert 0 < report["latency_ms"]["p50"] <= report["latency_ms"]["p95"] <= report["latency_ms"]["p99"]
     stages = report["server_stage_p50_ms"]
-    assert set(stages) == {"decode", "queue", "inference", "encode"}
+    assert set(stages) == {"decode", "resize", "queue", "inference", "encode"}
     assert 0 < stages["inference"] < report["latency_ms"]["p99"]
 
 

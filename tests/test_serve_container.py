@@ -132,7 +132,9 @@ def test_compose_runs_nvidia_triton_and_the_gateway_in_triton_mode() -> None:
     fields = {f"FAAR_{name.upper()}" for name in Settings.model_fields}
     assert set(env) <= fields, set(env) - fields
     settings = Settings(**{k[5:].lower(): v for k, v in env.items()})
-    assert settings.engine == "triton" and settings.model_repository == Path("/models")
+    # the gateway reads the model from Triton: no repository, the name faar-export gives GPU exports
+    assert settings.engine == "triton" and settings.model_repository is None and "volumes" not in gateway
+    assert settings.model == "faar_gpu"
     host, port = settings.triton_url.split(":")
     assert host in services and any(p.endswith(f":{port}") for p in triton["ports"])
     build = gateway["build"]

@@ -11,12 +11,18 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
+from torch.utils.data import default_collate
 
+from faar.adapters import adapters_of
 from faar.cli import train_main
 from faar.config import load_config
-from faar.run import load_model
-from faar.train import TrainError, latest_state, train
+from faar.data import Scenes
+from faar.model import build_model
+from faar.ranks import rank_report, report_line
+from faar.run import latest_state, load_model
+from faar.train import TrainError, amp_dtype, task_losses, train
 
 # Two steps an epoch, three epochs: enough for shrinking to show, quick on 2 cores.
 SMALL = ["data.num_train=16", "data.num_val=8", "train.epochs=3"]
@@ -98,12 +104,39 @@ def test_sigkill_then_resume_matches_uninterrupted(full_run: Path, tmp_path: Pat
     assert ma["val"]["semseg"]["miou"] == pytest.approx(mb["val"]["semseg"]["miou"], abs=0.5)
 
 
+def test_resuming_a_finished_run_reports_the_final_ranks(full_run: Path) -> None:
+    """--resume of a finished run trains nothing and prints the rank report of the ranks the run ended
+    with (it used to print the one saved with the last state, computed an epoch earlier)."""
+    lines: list[str] = []
+    history = train(load_config("tiny", SMALL), full_run, resume=True, quiet=True, log=lines.append)
+    assert len(history["epochs"]) == 3 and history["epochs"][-1]["adapters_shrunk"] > 0
+    final = load_model(full_run).ranks()
+    record = {n: {**r, "rank": final[n]} for n, r in history["ranks"]["initial"].items()}
+    report = rank_report(record)
+    assert history["ranks"]["report"] == report
+    assert json.loads((full_run / "ranks.json").read_text())["report"] == report
+    assert json.loads((latest_state(full_run) / "state.json").read_text())["history"]["ranks"]["report"] == report
+    assert lines[-1] == report_line(report)
+    assert min(final.values()) >= load_config("tiny").pdrs.min_rank
+
+
+@pytest.mark.parametrize("capability,dtype", [((7, 5), torch.float16), ((7, 0), torch.float16),
+                                              ((8, 0), torch.bfloat16), ((8, 9), torch.bfloat16),
+                                              ((9, 0), torch.bfloat16)])
+def test_amp_uses_bfloat16_only_on_hardware_that_has_it(capability: tuple[int, int], dtype: torch.dtype) -> None:
+    """A T4 (7.5) emulates bf16 (torch.cuda.is_bf16_supported() says yes there): float16 + GradScaler."""
+    assert amp_dtype(capability) is dtype
+
+
 def test_summary_prints_json_last_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert train_main(["--config", "mtlora_pascal_r64", "--summary"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     summary = json.loads(last)
     assert summary["trainable_parameters"] == 8_344_634
     assert set(summary["trainable_by_group"]) == {"adapters", "other_backbone", "decoder", "spectral"}
+    assert train_main(["--config", "faar_pascal_swin_t", "--summary"]) == 0
+    tspd = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["trainable_by_group"]["spectral"]
+    assert tspd == 150_456  # TS-PD as published (test_model.py shows how the number arises)
 
 
 def test_cli_errors_are_clear(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -122,3 +155,77 @@ def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
     ranks = json.loads((out / "ranks.json").read_text())
     assert len(ranks["epochs"]) == 2
     assert load_model(out).ranks() == ranks["epochs"][-1]["ranks"]
+
+
+# --- partial labels ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    """Small in-process models run in one intra-op thread: on a loaded machine two threads spin-wait
+    on each other (about 10x slower here) and nothing is gained at this size."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Which labels each sample of the partial-label batch lacks (a missing key in its raw sample).
+MISSING = {1: ("semseg", "saliency", "depth"), 2: ("normals", "edge", "human_parts"), 3: ("semseg", "normals")}
+
+
+class MissingLabels(Scenes):
+    def _load(self, index: int) -> dict:
+        sample = super()._load(index)
+        for task in MISSING.get(index, ()):
+            sample.pop(task)
+        return sample
+
+
+def _task_grads(model: torch.nn.Module, batch: dict) -> dict[str, tuple[float, list[torch.Tensor]]]:
+    """Every task's loss and its gradient with respect to every trainable parameter."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = task_losses(model.tasks, model(batch["image"]), batch)
+    out = {}
+    for task, loss in losses.items():
+        grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+        out[task] = loss.item(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+    return out
+
+
+def test_a_mixed_batch_trains_each_task_as_its_labelled_samples_alone(one_thread) -> None:
+    """Through the dataset, the default collate and the training loss: for every task, the loss and
+    gradients of a batch where some samples lack the task's label equal those of its labelled samples.
+
+    The model is in eval mode so that BatchNorm uses its running statistics: in train mode every
+    sample's normalisation depends on the whole batch, labelled or not, which is batch training's
+    coupling, not label handling's."""
+    cfg = load_config("tiny")
+    ds = MissingLabels(4, 0, "train", cfg.model.tasks, tuple(cfg.model.img_size))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, classes=ds.classes).eval()
+    with torch.no_grad():
+        for a in adapters_of(model).values():
+            a.lora_B.normal_(std=0.05)
+    mixed = _task_grads(model, default_collate([ds[i] for i in range(4)]))
+    for task in cfg.model.tasks:
+        labelled = [i for i in range(4) if task not in MISSING.get(i, ())]
+        assert 2 <= len(labelled) < 4
+        loss, grads = _task_grads(model, default_collate([ds[i] for i in labelled]))[task]
+        assert mixed[task][0] == pytest.approx(loss, rel=1e-5), task
+        assert any(g.abs().max() > 0 for g in grads), task
+        for a, b in zip(mixed[task][1], grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=task)
+
+
+def test_a_batch_without_a_task_label_adds_zero_loss(one_thread) -> None:
+    cfg = load_config("tiny")
+    ds = Scenes(2, 0, "train", cfg.model.tasks, tuple(cfg.model.img_size))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, classes=ds.classes).eval()
+    batch = default_collate([ds[0], ds[1]])
+    for task in cfg.model.tasks:
+        spec = model.tasks[task]
+        batch[task] = torch.stack([spec.rules.unlabelled(spec, ds.img_size)] * 2)
+    losses = task_losses(model.tasks, model(batch["image"]), batch)
+    assert {t: v.item() for t, v in losses.items()} == dict.fromkeys(cfg.model.tasks, 0.0)

@@ -144,7 +144,7 @@ def test_upload_renders_every_map(browser: Any, live_gateway: LiveServer, repo: 
     overlay = browser.execute_script("const c = document.getElementById('overlay'); return [c.width, c.height]")
     assert overlay == [width, height]
     timings = text(browser, "#timings")
-    for stage in ("decode", "queue", "inference", "encode", "round trip"):
+    for stage in ("decode", "resize", "queue", "inference", "encode", "round trip"):
         assert stage in timings, timings
     assert "/v1/predict" in browser.execute_script("return document.getElementById('call').textContent")
     assert not error_text(browser)
@@ -179,7 +179,8 @@ def check_readout(driver: Any, server: LiveServer, data: bytes, meta: dict[str, 
     """Point at pixels of the depth map: the readout must match the API's exact arrays (format=npz)."""
     from selenium.webdriver.common.action_chains import ActionChains
 
-    exact = load_npz(httpx.post(f"{server.url}/v1/predict?format=npz", files=post_image(data), timeout=30).content)
+    exact = load_npz(httpx.post(f"{server.url}/v1/predict?format=npz&precision=float32", files=post_image(data),
+                                timeout=30).content)
     target = driver.find_element("css selector", ".map[data-task='depth']")
     shown_w, shown_h = target.size["width"], target.size["height"]
     height, width = exact["depth"].shape

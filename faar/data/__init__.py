@@ -34,7 +34,7 @@ def build_dataset(cfg: DataConfig, split: str, tasks: Sequence[str], img_size: S
     else from torch's global RNG, which DataLoader seeds differently in every worker.
     Scenes are rendered on the fly unless ``cfg.root`` points at a ``write_scenes`` folder;
     their count is ``cfg.num_train`` for ``cfg.train_split`` and ``cfg.num_val`` for
-    ``cfg.val_split``.
+    ``cfg.val_split``, and ``cfg.label_drop`` leaves labels out of the training split only.
     """
     augment = train and cfg.augment
     if cfg.dataset == "scenes":
@@ -43,7 +43,8 @@ def build_dataset(cfg: DataConfig, split: str, tasks: Sequence[str], img_size: S
         counts = {cfg.val_split: cfg.num_val, cfg.train_split: cfg.num_train}
         if split not in counts:
             raise ValueError(f"scenes: unknown split '{split}' (configured: {sorted(counts)})")
-        return Scenes(counts[split], cfg.seed, split, tasks, img_size, augment, generator)
+        label_drop = cfg.label_drop if split == cfg.train_split else 0.0
+        return Scenes(counts[split], cfg.seed, split, tasks, img_size, augment, generator, label_drop=label_drop)
     datasets = {"pascal_context": PascalContext, "nyud": NYUD}
     if cfg.dataset not in datasets:
         raise ValueError(f"unknown dataset '{cfg.dataset}' (known: scenes, {', '.join(datasets)})")

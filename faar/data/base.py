@@ -4,6 +4,14 @@ A dataset yields raw samples (numpy, native size; conventions in ``transforms.py
 ``raw(i)``, and ``ds[i]`` runs them through ``transform_sample`` with a fresh augmentation
 draw when ``augment`` is on (from ``generator``, or torch's global RNG, which DataLoader
 seeds per worker).
+
+Missing labels: a raw sample may leave out a requested task's key (partially labelled
+data). ``ds[i]`` then holds that task's all-unlabelled map (255 for class and binary maps,
+zeros for normals and depth: ``TaskKind.unlabelled``), the same shape as a real label.
+That is how a missing label travels through the DataLoader: every batch has one tensor
+per task and PyTorch's default collate stacks it; losses and metrics count labelled
+pixels only, so "missing" and "every pixel ignored" are one case and such a sample adds
+nothing to that task (losses.py). No custom collate, no per-sample flags to keep in step.
 """
 
 from __future__ import annotations
@@ -63,7 +71,12 @@ class MultiTaskDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         aug = sample_augmentation(self.generator) if self.augment else Augmentation()
-        return transform_sample(self.raw(index), self.img_size, aug)
+        sample = transform_sample(self.raw(index), self.img_size, aug)
+        for task in self.tasks:
+            if task not in sample:
+                spec = get_task(task)
+                sample[task] = spec.rules.unlabelled(spec, self.img_size)
+        return sample
 
 
 def read_rgb(path: Path) -> np.ndarray:

@@ -7,13 +7,16 @@
 
 One module per step, each with its decisions: ``options`` (what can be asked),
 ``wrapper`` (the module that becomes the graph), ``graph`` (torch -> checked ONNX),
-``parity`` (the gate), ``triton`` (config.pbtxt, destination checks, install) and
+``parity`` (against PyTorch), ``precision`` / ``quantize`` / ``gate`` (fp16 and int8 graphs
+behind task metrics), ``triton`` (config.pbtxt, destination checks, install) and
 ``manifest`` (built through ``faar_serve.manifest``, the schema the gateway reads).
 ``export_run`` below strings them together.
 
 Decision: nothing is written to REPO_DIR before the saved file passed ``onnx.checker``
-(full check), matched the *unmerged* PyTorch model on rendered scenes and random pixels
-at batch 1 and 2, and its manifest passed the gateway's schema. Work happens in a
+(full check), its fp32 graph matched the *unmerged* PyTorch model on rendered scenes and
+random pixels at batch 1 and 2, a reduced-precision graph (``precision``: fp16, int8 via
+``quantize``) passed the accuracy gate (``gate``), and its manifest passed the gateway's
+schema. Work happens in a
 temporary folder beside REPO_DIR and is renamed into place, so a failure leaves nothing
 half-written.
 """
@@ -46,6 +49,7 @@ from .options import (
     resolve_exporter,
 )
 from .parity import TOLERANCES, Tolerance, check_parity, parity_batches
+from .precision import preflight, reduce_precision
 from .triton import check_destination, config_pbtxt, install, write_config_pbtxt
 from .wrapper import INPUT_NAME, ExportWrapper, TensorSpec, build_export_module, input_spec, output_specs
 
@@ -89,9 +93,10 @@ def export_run(run_dir: str | os.PathLike, repo_dir: str | os.PathLike,
             model.set_input_size((options.height, options.width))
         except BackboneError as exc:
             raise ExportError(str(exc)) from exc
+    preflight(run_dir, model, options)
     reference = build_export_module(model, options.probabilities)
-    found_warnings = check_destination(model_dir, options.version, reference.inputs + reference.outputs,
-                                       options.overwrite)
+    destination = check_destination(model_dir, options.version, reference.inputs + reference.outputs, options)
+    found_warnings = destination.warnings
     if options.fft == "torch" and options.device_kind == "gpu":
         found_warnings.append("--fft torch on a GPU: ONNX Runtime's DFT has no CUDA kernel, "
                               "those nodes run on the CPU")
@@ -110,15 +115,28 @@ def export_run(run_dir: str | os.PathLike, repo_dir: str | os.PathLike,
         staged = staged_model / str(options.version)
         staged.mkdir(parents=True)
         onnx_path = staged / "model.onnx"
-        graph = export_onnx(module, onnx_path, options.opset, options.fp16, options.exporter)
-        tolerance = TOLERANCES["fp16" if options.fp16 else "fp32"]
-        parity = check_parity(onnx_path, reference, parity_batches(model.img_size), tolerance)
+        fp32_path = onnx_path if options.precision == "fp32" else work / "fp32.onnx"
+        graph = export_onnx(module, fp32_path, options.opset, False, options.exporter)
+        parity = check_parity(fp32_path, reference, parity_batches(model.img_size), TOLERANCES["fp32"],
+                              options.parity_device)
         if not parity["passed"]:
             raise ExportError("parity check failed, nothing written: " + "; ".join(parity["failures"]))
+        # every export states its precision, quantisation and gate (None: not applicable)
+        graph.update(precision=options.precision, quantization=None)
+        parity["gate"] = None
+        if options.precision != "fp32":
+            reduced = reduce_precision(fp32_path, onnx_path, run_dir, model, module, options)
+            graph.update(reduced["graph"], fp16=options.precision == "fp16", quantization=reduced["quantization"])
+            if options.precision == "fp16":  # fp16 also keeps a (looser) parity check against PyTorch
+                parity = check_parity(onnx_path, reference, parity_batches(model.img_size), TOLERANCES["fp16"],
+                                      options.parity_device)
+                if not parity["passed"]:
+                    raise ExportError("parity check failed, nothing written: " + "; ".join(parity["failures"]))
+            parity["gate"] = reduced["gate"]
         manifest = build_manifest(run_dir, model, merged, module, options, onnx_path, graph, parity, t0)
         (staged / "manifest.json").write_text(manifest.to_json())
         write_config_pbtxt(staged_model / "config.pbtxt", options.name, module.inputs, module.outputs,
-                           options)
+                           options, {**destination.manifests, options.version: manifest})
         try:
             install(staged_model, model_dir, options.version, work / "replaced")
         except OSError as exc:  # e.g. another export created the same version meanwhile

@@ -17,19 +17,31 @@ Decisions:
   the node count (tiny, TorchScript: 5928 -> 2842) and keeps standard ONNX ops, so the
   saved file stays portable to any execution provider and to TensorRT; the extended and
   all levels would bake in CPU-specific fused kernels.
-* fp16 keeps the graph's input and output types and runs ``DFT`` nodes in fp32.
+* fp16 keeps the graph's input and output types and every node of the decoder's spectral
+  blocks (``TaskSpectralBlock``: DFT MatMuls or DFT nodes, filters, masks, inverse) in
+  fp32, as ``faar/spectral.py`` does under AMP: a spectrum's zero-frequency bin is a sum
+  over the whole feature map (about 459 at 16x16 in the demo), and fp16's headroom below
+  65504 shrinks with the input size. Blocking only the ``DFT`` op left the MatMul DFT in
+  fp16. The blocks are found by name scope (``spectral_nodes``): TorchScript names nodes
+  ``/model/decoder/spectral.3/...``; dynamo nodes carry their module path in metadata,
+  which ONNX Runtime's optimiser drops, so it is written into their names first.
+* TensorRT takes UINT8 only as a network input or output, so the uint8 image must reach
+  nothing but its cast to float (``ExportWrapper`` casts before transposing); the dynamo
+  graph also reads the input's shape for the dynamic batch, which ``read_input_through_cast``
+  points at the cast's output (same shape).
 * The saved file must pass ``onnx.checker`` (full check) with the planned I/O types and
   shapes, and hold no adapter, magnitude or rank-gate tensor name (a merge bug).
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import tempfile
 import time
 import warnings
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +51,13 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from ..spectral import DFT2
+from ..spectral import DFT2, TaskSpectralBlock
 from .options import DEFAULT_OPSET, MIN_OPSET, Exporter, ExporterChoice, ExportError, resolve_exporter
 from .wrapper import INPUT_NAME, ExportWrapper, TensorSpec
 
 FORBIDDEN_NAME_PARTS = ("lora", "magnitude", "gate")
 ONNX_TYPES = {"uint8": onnx.TensorProto.UINT8, "float32": onnx.TensorProto.FLOAT}
+DYNAMO_SCOPES = "pkg.torch.onnx.name_scopes"  # node metadata of the dynamo exporter: module paths, then the op
 
 
 def _uses_torch_fft(module: nn.Module) -> bool:
@@ -57,8 +70,8 @@ def export_onnx(module: ExportWrapper, path: str | os.PathLike, opset: int | Non
     (the fields of ``faar_serve.manifest.GraphInfo``).
 
     Export (``resolve_exporter``), ONNX Runtime's basic offline optimisation, optional
-    fp16 conversion (I/O types and DFT stay fp32), exact I/O shapes with a symbolic batch
-    axis, the adapter-name assertion, ``onnx.checker.check_model(full_check=True)``.
+    fp16 conversion (I/O types and the spectral blocks stay fp32), exact I/O shapes with a
+    symbolic batch axis, the adapter-name assertion, ``onnx.checker.check_model(full_check=True)``.
     """
     path = Path(path)
     chosen = resolve_exporter(exporter, _uses_torch_fft(module))
@@ -70,6 +83,10 @@ def export_onnx(module: ExportWrapper, path: str | os.PathLike, opset: int | Non
         raw = Path(tmp) / "raw.onnx"
         try:
             _torch_export(module, raw, chosen, opset)
+            if chosen == "dynamo":
+                scoped = onnx.load(str(raw))
+                name_nodes_by_scope(scoped)
+                onnx.save(scoped, str(raw))
             export_s = time.perf_counter() - t0
             session_options = ort.SessionOptions()
             session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -78,13 +95,20 @@ def export_onnx(module: ExportWrapper, path: str | os.PathLike, opset: int | Non
         except Exception as exc:  # exporters and onnxruntime raise many types; all mean "no graph"
             raise ExportError(f"ONNX export ({chosen}, opset {opset}) failed: {exc}") from exc
     proto = onnx.load(str(path))
+    read_input_through_cast(proto, module.inputs[0].name)
     if fp16:
-        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+        proto = to_fp16(proto, spectral_scopes(module))
+    return {"exporter": chosen, "export_seconds": round(export_s, 2), "fp16": fp16,
+            **finish_graph(proto, path, module.inputs + module.outputs),
+            "seconds": round(time.perf_counter() - t0, 2)}
 
-        proto = convert_float_to_float16(proto, keep_io_types=True,
-                                         op_block_list=[*DEFAULT_OP_BLOCK_LIST, "DFT"])
+
+def finish_graph(proto: onnx.ModelProto, path: str | os.PathLike, specs: Sequence[TensorSpec]) -> dict[str, Any]:
+    """Declare exact I/O, prune opset imports, refuse training tensors, save to ``path`` and run
+    ``onnx.checker`` (full); returns the graph's description (``GraphInfo`` fields). Every graph
+    written (fp32, fp16, int8) ends here."""
     _prune_opset_imports(proto)
-    _declare_io(proto, module.inputs + module.outputs)
+    _declare_io(proto, specs)
     assert_no_training_ops(proto)
     onnx.save(proto, str(path))
     try:
@@ -92,16 +116,12 @@ def export_onnx(module: ExportWrapper, path: str | os.PathLike, opset: int | Non
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"the exported graph fails onnx.checker: {exc}") from exc
     return {
-        "exporter": chosen,
         "opset": next(o.version for o in proto.opset_import if o.domain == ""),
         "ir_version": proto.ir_version,
         "optimization": "onnxruntime basic (offline)",
-        "fp16": fp16,
         "nodes": len(proto.graph.node),
         "op_types": dict(sorted(Counter(n.op_type for n in proto.graph.node).items())),
         "initializer_elements": sum(int(np.prod(t.dims)) for t in proto.graph.initializer),
-        "export_seconds": round(export_s, 2),
-        "seconds": round(time.perf_counter() - t0, 2),
     }
 
 
@@ -126,6 +146,104 @@ def torch_to_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, ex
             torch.onnx.export(module, (example,), path, dynamo=False, opset_version=opset,
                               input_names=[input_name], output_names=output_names,
                               dynamic_axes={n: {batch_dim: "batch"} for n in [input_name, *output_names]})
+
+
+def read_input_through_cast(proto: onnx.ModelProto, name: str) -> None:
+    """Make the cast of input ``name`` to float its only reader: shape readers (Shape, Size)
+    read the cast's output instead; anything else reading the raw input is refused."""
+    readers = [n for n in proto.graph.node if name in n.input]
+    casts = [n for n in readers if n.op_type == "Cast"
+             and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute)]
+    if not casts:
+        raise ExportError(f"the graph does not cast its input {name!r} to float first (TensorRT needs it)")
+    cast = casts[0]
+    for node in readers:
+        if node is cast:
+            continue
+        if node.op_type not in ("Shape", "Size"):
+            raise ExportError(f"{node.op_type} node {node.name!r} reads the uint8 input {name!r} "
+                              "(TensorRT takes uint8 only through a cast)")
+        node.input[:] = [cast.output[0] if i == name else i for i in node.input]
+    nodes = proto.graph.node  # the cast reads only the graph input: first, so the order stays topological
+    moved = onnx.NodeProto()
+    moved.CopyFrom(cast)
+    nodes.remove(cast)
+    nodes.insert(0, moved)
+
+
+def module_scope(path: str) -> str:
+    """A module path as both exporters scope node names: ``model.decoder.spectral.3`` ->
+    ``/model/decoder/spectral.3`` (an item of a ModuleList keeps its index after a dot)."""
+    parts: list[str] = []
+    for part in path.split("."):
+        if part.isdigit() and parts:
+            parts[-1] += "." + part
+        else:
+            parts.append(part)
+    return "/" + "/".join(parts)
+
+
+def name_nodes_by_scope(proto: onnx.ModelProto) -> None:
+    """Prefix each dynamo node's name with its module's scope, as TorchScript names them
+    (the metadata holding it does not survive ONNX Runtime's optimiser; names do)."""
+    for node in proto.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        scopes = ast.literal_eval(meta[DYNAMO_SCOPES]) if DYNAMO_SCOPES in meta else []
+        if len(scopes) >= 2 and scopes[-2]:  # [..., deepest module path, op]; "" at the top level
+            node.name = f"{module_scope(scopes[-2])}/{node.name}"
+
+
+def spectral_scopes(module: nn.Module) -> list[str]:
+    """Node-name scopes of the decoder's spectral blocks in ``module``'s graph."""
+    return [module_scope(name) for name, m in module.named_modules() if isinstance(m, TaskSpectralBlock)]
+
+
+def _reachable(start: Iterable[str], edges: dict[str, set[str]]) -> set[str]:
+    seen = set(start)
+    stack = list(seen)
+    while stack:
+        for nxt in edges[stack.pop()] - seen:
+            seen.add(nxt)
+            stack.append(nxt)
+    return seen
+
+
+def spectral_nodes(proto: onnx.ModelProto, scopes: Sequence[str]) -> list[str]:
+    """Names of the nodes of each spectral block: those in its scope and any node the
+    optimiser put between two of them (reachable from one and reaching another)."""
+    producer = {out: n.name for n in proto.graph.node for out in n.output}
+    succ: dict[str, set[str]] = defaultdict(set)
+    pred: dict[str, set[str]] = defaultdict(set)
+    for node in proto.graph.node:
+        for name in node.input:
+            if name in producer:
+                succ[producer[name]].add(node.name)
+                pred[node.name].add(producer[name])
+    found: set[str] = set()
+    for scope in scopes:
+        inside = {n.name for n in proto.graph.node if n.name.startswith(scope + "/")}
+        if not inside:
+            raise ExportError(f"no node of the spectral block {scope} in the graph (node names changed?); "
+                              "refusing an fp16 export that might put spectra in fp16")
+        found |= _reachable(inside, succ) & _reachable(inside, pred)
+    return sorted(found)
+
+
+def to_fp16(proto: onnx.ModelProto, spectral: Sequence[str]) -> onnx.ModelProto:
+    """float16 weights and compute, except the graph's inputs and outputs and every node of the
+    spectral blocks named by their scopes ``spectral``."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    converted = convert_float_to_float16(proto, keep_io_types=True,
+                                         op_block_list=[*DEFAULT_OP_BLOCK_LIST, "DFT"],
+                                         node_block_list=spectral_nodes(proto, spectral))
+    # The converter appends the casts around blocked nodes at the end and leaves intermediate
+    # types as they were: drop those (the checker infers them again) and restore the node order.
+    del converted.graph.value_info[:]
+    model = OnnxModel(converted)
+    model.topological_sort()
+    return model.model
 
 
 def _prune_opset_imports(proto: onnx.ModelProto) -> None:

@@ -77,6 +77,11 @@ def build_manifest(run_dir: Path, model: FAARModel, merged: FAARModel, module: E
     ``started`` the ``time.perf_counter()`` of the export's start.
     """
     before = parameter_summary(model)
+    tf32 = ", TF32 off" if parity["provider"] == "CUDAExecutionProvider" else ""
+    candidate = f"this model.onnx in onnxruntime {ort.__version__} ({parity['provider']}{tf32})"
+    if options.precision == "int8":
+        candidate = (f"the fp32 graph this int8 model.onnx was quantised from, in onnxruntime {ort.__version__} "
+                     f"({parity['provider']}); the int8 graph is judged by the accuracy gate (parity.gate)")
     data = {
         "format_version": FORMAT_VERSION,
         "model": {"name": options.name, "version": options.version},
@@ -99,7 +104,7 @@ def build_manifest(run_dir: Path, model: FAARModel, merged: FAARModel, module: E
         "parity": {**parity,
                    "reference": {"model": "unmerged run model, eval mode, fp32",
                                  "fft_backend": model.config.decoder.fft, "runtime": f"torch {torch.__version__}"},
-                   "candidate": f"this model.onnx in onnxruntime {ort.__version__} (CPU)"},
+                   "candidate": candidate},
         "onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path), "bytes": onnx_path.stat().st_size},
     }
     data["export"]["total_seconds"] = round(time.perf_counter() - started, 2)

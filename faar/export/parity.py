@@ -6,6 +6,11 @@ Decisions:
   (every pixel value), so both a batching fault and a saturating one show.
 * Per output, over every pixel of every batch: worst and mean absolute error for
   continuous maps, the share of pixels with the same class for label maps. NaN fails.
+* The graph runs in an ONNX Runtime session made as the embedded engine makes it
+  (``faar_serve.providers``), on the CPU by default or on CUDA (``parity_device``; CUDA
+  must start, and runs with TF32 off, since ONNX Runtime's default TF32 on Ampere and
+  newer would put 10-bit-mantissa MatMuls under an fp32 tolerance). The reference is
+  PyTorch on the CPU in fp32.
 * fp32: the merge and the matmul DFT agree with eager PyTorch to ~1e-6, so the limits
   only catch real faults. fp16: rounding accumulates through the backbone (Swin-T at 448:
   0.037 worst pixel on normals, where normalising a short raw vector amplifies it) and
@@ -24,7 +29,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from .options import ExportError
+from faar_serve.providers import ProviderError, create_session, running_provider
+
+from .options import ExportError, ParityDevice
 from .wrapper import INPUT_NAME, ExportWrapper
 
 
@@ -59,21 +66,30 @@ def parity_batches(size: tuple[int, int], seed: int = 0) -> list[tuple[str, np.n
 
 @torch.inference_mode()
 def check_parity(onnx_path: str | os.PathLike, reference: ExportWrapper,
-                 batches: Sequence[tuple[str, np.ndarray]], tolerance: Tolerance) -> dict[str, Any]:
-    """Run the ONNX file in ONNX Runtime (CPU) and ``reference`` in PyTorch on the same batches.
+                 batches: Sequence[tuple[str, np.ndarray]], tolerance: Tolerance,
+                 device: ParityDevice = "cpu", providers: Sequence[Any] | None = None) -> dict[str, Any]:
+    """Run the ONNX file in ONNX Runtime (on ``device`` with the gateway's session settings, TF32
+    off; or on explicit ``providers``, as bench/gpu_check.py does for TensorRT) and ``reference``
+    in PyTorch (CPU, fp32) on the same batches.
 
     Per output, over all pixels of all batches: max and mean abs error (continuous maps)
     or the share of pixels with the same class (label maps). ``passed`` is False when any
     output is out of ``tolerance``, has another shape or dtype, or holds NaN. The keys are
-    those of ``faar_serve.manifest.Parity`` less what the exporter adds (reference, candidate).
+    those of ``faar_serve.manifest.Parity`` less what the exporter adds (reference, candidate),
+    plus ``provider``: the execution provider that ran the graph.
     """
-    session_options = ort.SessionOptions()
-    # no busy-waiting ONNX Runtime threads stealing cores from PyTorch's in this process
-    session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        session = ort.InferenceSession(str(onnx_path), session_options, providers=["CPUExecutionProvider"])
+    try:  # spin_wait off: no busy-waiting ONNX Runtime threads stealing cores from PyTorch's here
+        if providers is None:
+            session = create_session(onnx_path, device, spin_wait=False, tf32=False)
+        else:
+            options = ort.SessionOptions()
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            session = ort.InferenceSession(str(onnx_path), options, providers=list(providers))
+    except ProviderError as exc:
+        raise ExportError(f"parity on {device}: {exc}") from exc
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise ExportError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from exc
+    provider = running_provider(session)
     names = [o.name for o in reference.outputs]
     got_all = [session.run(names, {INPUT_NAME: batch}) for _, batch in batches]
     del session
@@ -111,6 +127,7 @@ def check_parity(onnx_path: str | os.PathLike, reference: ExportWrapper,
             failures.append(f"{spec.name}: abs error max {worst:.3g}, mean {mean:.3g} "
                             f"(limits {tolerance.max_abs:g}, {tolerance.mean_abs:g})")
     return {
+        "provider": provider,
         "passed": not failures,
         "failures": failures,
         "tolerance": dataclasses.asdict(tolerance),

@@ -3,8 +3,11 @@
 Decisions:
 
 * The graph takes what clients have: uint8 RGB pixels ``[B, H, W, 3]``; the cast and the
-  ImageNet normalisation run inside it. H and W are fixed at export (the spectral filters
-  are shaped to one feature size), the batch axis is dynamic.
+  ImageNet normalisation run inside it. The cast to float comes first and label maps'
+  cast to uint8 (after an int64 ArgMax) comes last: TensorRT takes UINT8 only as a network
+  input or output, so a uint8 Transpose or a cast inside would split its graph. H and W
+  are fixed at export (the spectral filters are shaped to one feature size), the batch
+  axis is dynamic.
 * Outputs are laid out and post-processed in the graph by each task's kind
   (``faar.tasks.TaskKind.outputs`` / ``export_maps``), so PyTorch and ONNX run the same
   code: label maps as uint8 class indices (255 classes at most), probabilities, unit
@@ -76,7 +79,7 @@ class ExportWrapper(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = (image.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+        x = (image.float().permute(0, 3, 1, 2) / 255.0 - self.mean) / self.std  # cast first: TensorRT
         raw = self.model(x)
         maps = []
         for name, spec in self.model.tasks.items():

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..manifest import ModelSpec
+
 BatchObserver = Callable[[int], None]  # told the size of every batch the engine runs
 
 
@@ -48,6 +50,8 @@ class EngineResult:
 
 class Engine(ABC):
     name: str
+    spec: ModelSpec | None  # the model it serves; None until known (Triton not reached yet)
+    detail: str | None = None  # why it is not ready, when it knows
 
     @abstractmethod
     async def start(self) -> None:
@@ -61,6 +65,12 @@ class Engine(ABC):
     @abstractmethod
     async def ready(self) -> bool:
         """Loaded and answering (cheap: called by /readyz)."""
+
+    @property
+    @abstractmethod
+    def provider(self) -> str | None:
+        """What runs the graph now (/readyz, /metrics): ONNX Runtime's execution provider, or
+        Triton's instance kind; None while unknown (not started, Triton not reached yet)."""
 
     @abstractmethod
     async def close(self) -> None:

@@ -10,6 +10,10 @@ for one run), so the event loop never blocks. Each image keeps its own future, s
 go back to the request that sent them, whatever the batch composition. Nothing is computed
 for a caller who is gone: an image whose request was cancelled (its client disconnected)
 or whose deadline has passed is dropped when its batch is formed.
+
+The session comes from ``faar_serve.providers`` (device, TF32 off unless asked, no silent
+CPU fall-back for ``--device cuda``); ``provider`` says what runs now (``/readyz``,
+``/metrics``), since with ``--device auto`` ONNX Runtime may fall back to the CPU.
 """
 
 from __future__ import annotations
@@ -22,53 +26,16 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from ..manifest import ModelSpec
+from ..providers import CPU, ProviderError, create_session, running_provider
 from .base import BatchLimit, BatchObserver, DeadlineExceeded, Engine, EngineFailure, EngineResult, EngineUnavailable
 
 log = logging.getLogger("faar_serve")
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
 RunFn = Callable[[np.ndarray], dict[str, np.ndarray]]
-
-
-def providers_for(device: str) -> list[Any]:
-    """Execution providers for ``device`` (auto: CUDA when this onnxruntime build has it)."""
-    available = ort.get_available_providers()
-    if device == "cuda" and CUDA not in available:
-        raise EngineFailure(f"--device cuda, but this onnxruntime ({ort.__version__}) has no {CUDA}; "
-                            "install onnxruntime-gpu (and a CUDA runtime) or use --device cpu")
-    if device == "cpu" or CUDA not in available:
-        return [CPU]
-    # Device 0 of what CUDA_VISIBLE_DEVICES shows; HEURISTIC avoids a slow cuDNN search at first run.
-    # The CPU provider stays as a fallback for nodes without a CUDA kernel.
-    return [(CUDA, {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC"}), CPU]
-
-
-def create_session(path: Path, device: str, spin_wait: bool = False) -> ort.InferenceSession:
-    """A session with the best measured settings (bench/RESULTS.md): every graph optimisation,
-    intra-op threads = cores, sequential execution. ``spin_wait`` lets the CPU threads
-    busy-wait between operators: faster alone, but in the gateway they take the cores that
-    decode and encode other requests (15-27 % of throughput under load for a small model,
-    no clear difference for Swin-T)."""
-    providers = providers_for(device)
-    wanted_cuda = providers[0] != CPU
-    if wanted_cuda:
-        ort.preload_dlls()  # CUDA/cuDNN of the nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]) or the system
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
-    session = ort.InferenceSession(str(path), options, providers=providers)
-    if wanted_cuda and CUDA not in session.get_providers():
-        # onnxruntime-gpu silently falls back to the CPU when CUDA/cuDNN libraries are missing.
-        if device == "cuda":
-            raise EngineFailure(f"{CUDA} failed to initialise (CUDA/cuDNN libraries?); see onnxruntime's log")
-        log.warning("CUDA provider failed to initialise; running on the CPU")
-    return session
 
 
 @dataclass
@@ -179,14 +146,16 @@ class MicroBatcher:
 class OnnxEngine(Engine):
     name = "onnx"
 
-    def __init__(self, *, onnx_path: Path, input_name: str, output_names: list[str], device: str,
-                 batch: BatchLimit, max_queue_delay_ms: float, upstream: Callable[[], int],
-                 spin_wait: bool = False, observe_batch: BatchObserver | None = None) -> None:
-        self.onnx_path = onnx_path
-        self.input_name = input_name
-        self.output_names = output_names
+    def __init__(self, *, spec: ModelSpec, device: str, max_batch_size: int | None, max_queue_delay_ms: float,
+                 upstream: Callable[[], int], spin_wait: bool = False, tf32: bool = False,
+                 observe_batch: BatchObserver | None = None) -> None:
+        self.spec = spec
+        self.onnx_path = spec.onnx_path
+        self.input_name = spec.input_name
+        self.output_names = spec.output_names
+        self.batch = BatchLimit(requested=max_batch_size, model=spec.max_batch_size)
         self.device = device
-        self.batch = batch
+        self.tf32 = tf32
         self.max_delay_s = max_queue_delay_ms / 1000
         self.upstream = upstream
         self.spin_wait = spin_wait
@@ -195,8 +164,12 @@ class OnnxEngine(Engine):
         self.batcher: MicroBatcher | None = None
 
     async def start(self) -> None:
-        self.session = await asyncio.to_thread(create_session, self.onnx_path, self.device, self.spin_wait)
-        max_batch_size = self.batch.size(cpu=self.session.get_providers()[0] == CPU)
+        try:
+            self.session = await asyncio.to_thread(create_session, self.onnx_path, self.device, self.spin_wait,
+                                                   self.tf32)
+        except ProviderError as exc:
+            raise EngineFailure(str(exc)) from exc
+        max_batch_size = self.batch.size(cpu=running_provider(self.session) == CPU)
         log.info("onnx engine: %s on %s, batches of up to %d", self.onnx_path, self.session.get_providers(),
                  max_batch_size)
         self.batcher = MicroBatcher(run=self._run, max_batch_size=max_batch_size, max_delay_s=self.max_delay_s,
@@ -220,6 +193,11 @@ class OnnxEngine(Engine):
 
     async def ready(self) -> bool:
         return self.batcher is not None and self.batcher.alive
+
+    @property
+    def provider(self) -> str | None:
+        """The session's first provider, read each time: ONNX Runtime may have fallen back since."""
+        return running_provider(self.session) if self.session is not None else None
 
     async def close(self) -> None:
         if self.batcher is not None:

@@ -31,8 +31,14 @@ TasksQuery = Annotated[str | None, Query(
     description="comma-separated subset, e.g. semseg,depth; absent: all; present but empty: 422",
     examples=["semseg,depth"])]
 FormatQuery = Annotated[Literal["json", "npz"], Query(
-    description="json: PNG maps in base64; npz: the exact arrays (float maps, integer label maps, "
-                "normals as [3, H, W]); keys '<task>' (batch: '<index>/<task>')")]
+    description="json: PNG maps in base64; npz: the arrays (label maps uint8, the other maps float16 or "
+                "float32 as `precision` says, normals as [3, H, W]); keys '<task>' (batch: '<index>/<task>')")]
+SizeQuery = Annotated[str, Query(
+    pattern=codec.SIZE_PATTERN, description=f"the maps' size: {codec.SIZE_HELP}; the answer's width and height "
+    "state it", examples=["original", "model", "1024"])]
+PrecisionQuery = Annotated[codec.Precision, Query(
+    description="format=npz: float16 (default; 11 significant bits, e.g. depth at 10 m to within 4 mm) or "
+                "float32 for every map other than labels")]
 PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERROR_RESPONSES, 200: {"content": {NPZ_MEDIA_TYPE: {}}, "description": "JSON, or NPZ with format=npz"}}
 
@@ -63,18 +69,21 @@ def server_timing(timings: dict[str, float]) -> str:
 
 def prediction(gw: Gateway, rendered: Rendered) -> Prediction:
     tasks = {name: TaskMap(**fields) for name, fields in rendered.maps.items()}
-    return Prediction(model=gw.spec.name, version=gw.spec.version, width=rendered.width,
-                      height=rendered.height, tasks=tasks, timings_ms=rendered.timings_ms)
+    return Prediction(model=gw.spec.name, version=gw.spec.version, width=rendered.width, height=rendered.height,
+                      image_width=rendered.image_width, image_height=rendered.image_height, tasks=tasks,
+                      timings_ms=rendered.timings_ms)
 
 
 @router.post("/predict", response_model=Prediction, responses=PREDICT_RESPONSES,
              dependencies=[Depends(one_image)])
 async def predict(gw: GatewayDep, request: Request,
                   image: Annotated[UploadFile, File(description=codec.FORMAT_NAMES)],
-                  tasks: TasksQuery = None, format: FormatQuery = "json") -> Any:
-    """Every map (or the ``tasks`` asked for) of one image, at the image's own size."""
+                  tasks: TasksQuery = None, format: FormatQuery = "json", size: SizeQuery = "original",
+                  precision: PrecisionQuery = "float16") -> Any:
+    """Every map (or the ``tasks`` asked for) of one image, at the image's own size or the ``size`` asked for."""
     names = gw.tasks(tasks)
-    (rendered,) = await gw.until_disconnected(request, gw.predict([image], names, format, request.state))
+    work = gw.predict([image], names, format, codec.parse_size(size), precision, request.state)
+    (rendered,) = await gw.until_disconnected(request, work)
     headers = {"Server-Timing": server_timing(rendered.timings_ms)}
     if format == "npz":
         return Response(codec.npz_bytes(rendered.maps), media_type=NPZ_MEDIA_TYPE, headers=headers)
@@ -84,13 +93,15 @@ async def predict(gw: GatewayDep, request: Request,
 @router.post("/predict/batch", response_model=BatchPrediction, responses=PREDICT_RESPONSES)
 async def predict_batch(gw: GatewayDep, request: Request,
                         images: Annotated[list[UploadFile], File(description="one field per image")],
-                        tasks: TasksQuery = None, format: FormatQuery = "json") -> Any:
+                        tasks: TasksQuery = None, format: FormatQuery = "json", size: SizeQuery = "original",
+                        precision: PrecisionQuery = "float16") -> Any:
     """Several images in one request (one engine call), answered in upload order."""
     names = gw.tasks(tasks)
     limit = min(gw.settings.max_batch_images, gw.settings.max_queue)  # a bigger one could never be admitted
     if len(images) > limit:
         raise ApiError(413, "too_many_images", f"{len(images)} images; a batch request takes at most {limit}")
-    rendered = await gw.until_disconnected(request, gw.predict(images, names, format, request.state))
+    work = gw.predict(images, names, format, codec.parse_size(size), precision, request.state)
+    rendered = await gw.until_disconnected(request, work)
     if format == "npz":
         arrays = {f"{i}/{task}": arr for i, r in enumerate(rendered) for task, arr in r.maps.items()}
         return Response(codec.npz_bytes(arrays), media_type=NPZ_MEDIA_TYPE)
