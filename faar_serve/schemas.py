@@ -104,7 +104,7 @@ class ModelInfo(BaseModel):
     manifest: Manifest | None = Field(None, description="the whole export manifest (only with --expose-manifest)")
 
     @classmethod
-    def of(cls, manifest: Manifest, full: bool = False) -> ModelInfo:
+    def of(cls, manifest: Manifest) -> ModelInfo:
         parity = manifest.parity
         ref = parity.reference
         summary = ParitySummary(passed=parity.passed, candidate=parity.candidate, tolerance=parity.tolerance,
@@ -112,5 +112,4 @@ class ModelInfo(BaseModel):
                                 reference=f"{ref.model}; DFT {ref.fft_backend}; {ref.runtime}")
         return cls(model=manifest.model, created=manifest.created, input_size=manifest.input_size,
                    input=manifest.image, tasks=manifest.tasks, parity=summary, onnx_sha256=manifest.onnx.sha256,
-                   precision=manifest.export.options.precision,
-                   manifest=manifest if full else None)
+                   precision=manifest.export.options.precision)

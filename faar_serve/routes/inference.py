@@ -110,7 +110,11 @@ async def predict_batch(gw: GatewayDep, request: Request,
     return JSONResponse(answer.model_dump(exclude_none=True))
 
 
-@router.get("/model", response_model=ModelInfo, response_model_exclude_none=True)
-async def model(gw: GatewayDep) -> Any:
+@router.get("/model", response_model=ModelInfo)
+async def model(gw: GatewayDep) -> JSONResponse:
     """The served model: tasks (classes, palettes, units), input size, version, parity summary."""
-    return ModelInfo.of(gw.spec.manifest, full=gw.settings.expose_manifest)
+    manifest = gw.spec.manifest
+    body = ModelInfo.of(manifest).model_dump(mode="json", exclude={"manifest"})
+    if gw.settings.expose_manifest:
+        body["manifest"] = manifest.model_dump(mode="json")  # as the file has it, nulls included
+    return JSONResponse(body)
