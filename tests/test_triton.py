@@ -227,7 +227,7 @@ def test_a_gateway_without_the_repository_reads_the_model_from_triton(repo: Path
         assert f"127.0.0.1:{grpc_port}" in body["detail"]
         for r in (httpx.get(url + "/v1/model"), httpx.post(url + "/v1/predict", files=post_image(encode(image(1))))):
             assert r.status_code == 503 and r.json()["error"] == "engine_unavailable" and r.headers["retry-after"]
-            assert "not known yet" in r.json()["detail"]
+            assert r.json()["detail"] == "inference engine unavailable"  # the reason: /readyz and the log
 
         triton = subprocess.Popen([sys.executable, "-c", code, "--model-repository", str(served), "--http-port",
                                    str(http_port), "--grpc-port", str(grpc_port), "--timeout", "60"],

@@ -25,8 +25,9 @@ Decisions:
 * The overlay tile draws the chosen map over the photo with an opacity slider.
 * ``sample.png`` is a generated scene (``docs/make_screenshot.py --sample`` rewrites it).
 * ``/docs`` (Swagger UI) works offline too: FastAPI's default page loads Swagger UI from a
-  CDN and is blank without the internet, so its files come from the ``swagger-ui-bundle``
-  package (Swagger UI's own dist folder as package data), mounted at ``/static/swagger``, and
+  CDN and is blank without the internet, so its files come from the ``swagger-ui-bundle-v2``
+  package (Swagger UI 5's own dist folder as package data; version 5 because FastAPI writes
+  OpenAPI 3.1, which Swagger UI 4 refuses to render), mounted at ``/static/swagger``, and
   the page is FastAPI's documented self-hosting recipe. Swagger UI starts from an inline
   script, so ``/docs`` carries no CSP; the page's strict CSP applies to ``/`` only. ReDoc
   (CDN only) is off.
