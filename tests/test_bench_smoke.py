@@ -112,3 +112,12 @@ def test_servers_quick(tmp_path: Path) -> None:
     rows = {r["server"]: r for r in result["rows"]}
     assert rows["granian"]["big_header_8mb_status"] == 431 and rows["granian"]["idle_s"] is not None
     assert "slow header s" in stdout
+
+
+def test_workers_quick(tmp_path: Path) -> None:
+    result, stdout = run_quick("workers", tmp_path)
+    assert {(r["engine"], r["workers"]) for r in result["rows"]} == {(e, n) for e in ("triton", "onnx") for n in (1, 2)}
+    for row in result["rows"]:
+        assert row["errors"] == 0 and row["metrics_counted"] == row["requests"]  # every worker's requests counted
+        assert len(row["worker_rss_mib"]) == row["workers"]
+    assert "per worker MiB" in stdout
