@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/servers.json"))
     args = parser.parse_args(argv)
     if args.quick:
-        args.limit, args.flood_mib, args.connections, args.requests = 8.0, 4, 300, 200
+        args.limit, args.flood_mib, args.connections, args.requests = 6.0, 4, 200, 100
     rows = []
     for name in candidates(0):
         if args.only and not any(name.startswith(o) for o in args.only):
