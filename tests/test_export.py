@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from fixtures_model import randomize
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
@@ -28,27 +29,13 @@ ONNX_TO_NP = {onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.FLOAT: "float32"
 TRITON_TO_NP = {model_config_pb2.TYPE_UINT8: "uint8", model_config_pb2.TYPE_FP32: "float32"}
 
 
-def perturb(model: torch.nn.Module, seed: int = 0) -> None:
-    """Non-zero adapters, magnitudes off ||W||, non-trivial TS-PD: merging and the spectra matter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "lora_B":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-            elif leaf == "magnitude":
-                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif leaf in ("filters", "alpha_low", "alpha_high", "shift"):
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny preset with one task of each kind (fewer tasks: a faster dynamo export)."""
     cfg = load_config("tiny", ["model.tasks=[semseg,saliency,normals,depth]"])
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    perturb(model)
+    randomize(model)  # non-zero adapters, every TS-PD parameter off its identity start
     path = tmp_path_factory.mktemp("run") / "tiny"
     save_model(model, path)
     return path

@@ -163,7 +163,8 @@ def test_gateway_and_triton_serve_the_int8_model(models: Path) -> None:
     rgb = image(7)
     app = create_app(settings(models))
     with LiveServer(app) as server:
-        r = httpx.post(f"{server.url}/v1/predict?format=npz", files=post_image(encode(rgb)), timeout=60)
+        r = httpx.post(f"{server.url}/v1/predict?format=npz&precision=float32", files=post_image(encode(rgb)),
+                       timeout=60)
         assert r.status_code == 200, r.text
         via_gateway = load_npz(r.content)
         info = httpx.get(f"{server.url}/v1/model", timeout=10).json()

@@ -173,10 +173,11 @@ def calibration_images(source: str, cfg: Config | None, tasks: Sequence[str], si
     images = []
     for i in spread(len(files), n):
         try:
-            rgb = codec.decode_image(files[i].read_bytes(), MAX_CALIBRATION_PIXELS)
+            # the gateway's own path: header checks, reduced-scale decode, resize to the model
+            prepared = codec.prepare(codec.probe(files[i].read_bytes(), MAX_CALIBRATION_PIXELS), *size)
         except (OSError, codec.ImageError) as exc:
             raise ExportError(f"calibration image {files[i]}: {exc}") from exc
-        images.append(codec.model_input(rgb, *size))
+        images.append(prepared.pixels)
     return images
 
 
