@@ -16,8 +16,8 @@ phases an image goes through, each counted with every copy that exists at once:
   the archive's buffer; ``BytesIO.getvalue`` hands that buffer over without a copy).
 
 These are upper bounds (PNG compresses maps well), so the budget errs on the side of the
-machine: for a 6000x6000 upload with ``format=npz`` this says 3.4 GB, and the gateway's
-peak RSS grew by 1.5 GB (bench/RESULTS.md, "Overload").
+machine: for a 6000x6000 upload with ``format=npz&precision=float32`` this says 3.4 GB, and
+the gateway's peak RSS grew by 1.5 GB (bench/RESULTS.md, "Overload").
 """
 
 from __future__ import annotations
