@@ -51,6 +51,7 @@ from faar_serve.triton_local import LocalTriton
 
 MODEL = "faar"
 SETUPS = ("onnx", "onnx_batching", "onnx_spin_wait", "triton")
+PATIENCE_S = 120.0  # the gateway's deadline here: the load generator's own; bench.overload measures deadlines
 
 
 def export_repository(config: str, dest: Path, max_batch_size: int) -> Path:
@@ -102,7 +103,7 @@ class Gateway:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "faar_serve", "--model-repository", str(repo), "--port", str(self.port),
-               "--log-level", "warning", "--max-queue", "256", *flags]
+               "--log-level", "warning", "--max-queue", "256", "--request-timeout-s", str(PATIENCE_S), *flags]
         self.log = tempfile.TemporaryFile()
         env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None  # and run there: -m puts cwd first
         self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=pythonpath)

@@ -1,15 +1,19 @@
 """The FastAPI gateway: ``create_app(settings)`` builds the parts and wires them together.
 
-Request path: metrics (outermost: counts every answer) -> CORS (if configured) -> body
-limit (while streaming) -> router -> API key (``/v1`` only) -> ``Gateway.predict``:
-admission (bounded: past ``max_queue`` images in the gateway, 503 + Retry-After) -> decode
-+ resize (worker thread) -> engine -> resize maps back + encode (worker thread). Every
-refusal is a JSON ``{"error", "detail"}`` with a 4xx/5xx status (``errors``); nothing a
-client sends can stall the event loop.
+Request path, each step refusing as early and as cheaply as it can: the HTTP server
+(``server``: header size 431, header and keep-alive timeouts, connection cap) -> metrics
+(outermost ASGI: counts every answer) -> CORS (if configured) -> API key (from the headers,
+before the body) -> body limit and body timeout (while streaming) -> router (input rules)
+-> ``Gateway.predict``: each image's header -> its cost -> admission (memory budget,
+deadline, count; 413/503 + Retry-After) -> decode + resize (worker thread) -> engine (with
+the deadline) -> resize maps back + encode (worker thread). Every refusal is a JSON
+``{"error", "detail"}`` with a 4xx/5xx status (``errors``); nothing a client sends can
+stall the event loop.
 
-Where things live: ``gateway`` (the prediction path), ``admission`` (the bounded queue),
-``auth`` (the API key), ``middleware`` (body limit, request metrics), ``errors``,
-``telemetry`` (Prometheus), ``routes/`` (one router per audience), ``engines/``.
+Where things live: ``gateway`` (the prediction path), ``cost`` (an image's peak memory),
+``admission`` (budget, deadline, count), ``auth`` (the API key), ``middleware`` (key, body
+limit and timeout, request metrics), ``errors``, ``telemetry`` (Prometheus), ``routes/``
+(one router per audience), ``engines/``, ``server`` (granian and its workers).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from .engines import create_engine
 from .errors import install_error_handlers
 from .gateway import Gateway
 from .manifest import ModelSpec
-from .middleware import BodyLimitMiddleware, MetricsMiddleware
+from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from .routes import inference, operations, web
 from .settings import Settings
 from .telemetry import Metrics
@@ -36,7 +40,8 @@ def create_gateway(settings: Settings) -> Gateway:
     """The embedded engine reads the model now (a bad repository fails here, named); the Triton
     engine learns it from Triton once it answers. Engines start with the app."""
     metrics = Metrics()
-    admission = Admission(settings.max_queue, metrics, settings.retry_after_s)
+    admission = Admission(budget_bytes=settings.budget_bytes, max_images=settings.max_queue,
+                          wait_s=settings.admission_wait_s, retry_after_s=settings.retry_after_s, metrics=metrics)
     engine = create_engine(settings, lambda: admission.upstream, metrics.batch_size.observe)
     pool = None
     if settings.render_threads > 1:
@@ -69,14 +74,17 @@ def create_app(settings: Settings) -> FastAPI:
 
     spec = gw.engine.spec
     app = FastAPI(title="FAAR gateway", version=str(spec.version) if spec else "from Triton", lifespan=lifespan,
-                  description=describe(settings, spec))
+                  description=describe(settings, spec), docs_url=None, redoc_url=None)  # /docs: routes.web
     app.state.gateway = gw
     app.include_router(inference.router)
     app.include_router(operations.router)
     app.include_router(web.router)  # the page is public; its API calls carry the key
+    app.mount(web.SWAGGER, web.swagger_files(), name="swagger")
     app.mount("/static", web.static_files(), name="static")
     install_error_handlers(app, settings.retry_after_s)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, key=settings.api_key, metrics_public=settings.metrics_public)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], expose_headers=["Server-Timing"])

@@ -1,31 +1,31 @@
-"""The optional API key: with ``FAAR_API_KEY`` set, every ``/v1`` route needs
-``Authorization: Bearer <key>``; without it the API is open.
+"""The optional API key: with ``FAAR_API_KEY`` set, every ``/v1`` route (and ``/metrics``, unless
+``--metrics-public``) needs ``Authorization: Bearer <key>``; without it the API is open.
 
-A dependency of the ``/v1`` router (not of the app), so health checks, metrics and the web
-page stay public; the page asks for the key and sends it itself. The key is compared in
-constant time.
+Checked by ``middleware.ApiKeyMiddleware`` on the request's headers, before a byte of the
+body is read: a client without the key cannot make the gateway receive, parse or buffer
+an upload (issue 14). Health checks and the web page stay public; the page asks for the
+key and sends it itself. The key is compared in constant time. ``bearer`` declares the
+scheme to the OpenAPI schema, so ``/docs`` offers to send it.
 """
 
 from __future__ import annotations
 
 import secrets
-from typing import Annotated
 
-from fastapi import Depends
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-
-from .errors import ApiError
-from .gateway import GatewayDep
+from fastapi.security import HTTPBearer
+from pydantic import SecretStr
 
 bearer = HTTPBearer(auto_error=False, description="only when the gateway runs with an API key")
-Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+SCHEME = b"bearer "
 
 
-async def require_api_key(gw: GatewayDep, credentials: Credentials) -> None:
-    key = gw.settings.api_key
-    if key is None:
-        return
-    given = credentials.credentials.encode() if credentials else b""
-    if not secrets.compare_digest(given, key.get_secret_value().encode()):
-        raise ApiError(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                       {"WWW-Authenticate": "Bearer"})
+def key_matches(key: SecretStr, authorization: bytes | None) -> bool:
+    """``Authorization: Bearer <key>`` (the scheme in any case) carries ``key``."""
+    given = b""
+    if authorization and authorization[:len(SCHEME)].lower() == SCHEME:
+        given = authorization[len(SCHEME):].strip()
+    return secrets.compare_digest(given, key.get_secret_value().encode())
+
+
+def needs_key(path: str, metrics_public: bool) -> bool:
+    return path.startswith("/v1/") or path == "/v1" or (path == "/metrics" and not metrics_public)

@@ -2,7 +2,9 @@
 
 ``faar-serve`` has one flag per setting (``--max-queue`` for ``max_queue``...), generated
 from ``Settings`` so flags, ``FAAR_*`` variables and defaults can never drift apart. A
-flag wins over its environment variable, which wins over the default.
+flag wins over its environment variable, which wins over the default. Any settings
+problem, from a flag or from the environment, ends the command with one line naming the
+setting; the model repository is checked before the server starts, also in one line.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from .settings import Settings
 
@@ -42,24 +45,34 @@ def load_settings(argv: Sequence[str] | None = None) -> Settings:
     try:
         return Settings(**args)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
-                             for e in exc.errors())
+        problems = "; ".join(f"{_setting_name(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors(include_url=False))
         raise SystemExit(f"faar-serve: invalid settings: {problems}") from None
+    except SettingsError as exc:  # an environment variable pydantic-settings could not parse
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        raise SystemExit(f"faar-serve: invalid settings: {exc}{cause}") from None
+
+
+def _setting_name(loc: tuple) -> str:
+    """``('cors_origins', 0)`` -> ``cors_origins (--cors-origins / FAAR_CORS_ORIGINS)``."""
+    if not loc:
+        return "settings"
+    name = str(loc[0])
+    return f"{name} (--{name.replace('_', '-')} / FAAR_{name.upper()})"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import uvicorn
-
-    from .app import create_app
-    from .manifest import ManifestError
+    from .manifest import ManifestError, load_model_spec
+    from .server import serve
 
     settings = load_settings(argv)
     print("faar-serve settings:", json.dumps(settings.describe(), indent=2, default=str), flush=True)
-    try:
-        app = create_app(settings)
-    except (ManifestError, ValueError) as exc:
-        raise SystemExit(f"faar-serve: {exc}") from None
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    if settings.model_repository is not None and settings.engine == "onnx":
+        try:  # in the parent, so a bad repository is one line here, not a traceback per worker
+            load_model_spec(settings.model_repository, settings.model, settings.model_version)
+        except (ManifestError, ValueError) as exc:
+            raise SystemExit(f"faar-serve: {exc}") from None
+    serve(settings)
 
 
 def triton_main(argv: Sequence[str] | None = None) -> None:

@@ -3,6 +3,10 @@
 ``ApiError`` carries a stable machine-readable code next to the human detail; the handlers
 installed by ``install_error_handlers`` turn it, FastAPI's own errors, engine errors and
 anything unexpected into that shape, so a client never parses an HTML page or a bare 500.
+
+Engine errors say only what a client can act on ("inference engine unavailable", with a
+stable code); what went wrong inside (Triton's address, the gRPC or ONNX Runtime message)
+goes to the log, never into an answer.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from .engines import EngineFailure, EngineUnavailable
+from .engines import DeadlineExceeded, EngineFailure, EngineUnavailable
 from .schemas import ErrorBody
 
 log = logging.getLogger("faar_serve")
@@ -24,9 +28,12 @@ log = logging.getLogger("faar_serve")
 # For the OpenAPI page: what each status means on the inference routes.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text} for status, text in {
-        400: "empty file", 401: "API key missing or wrong", 413: "body, image or batch too large",
-        415: "not an image in a supported format", 422: "truncated image, unknown task, missing field",
-        502: "the engine returned an error", 503: "overloaded or engine unavailable (see Retry-After)",
+        400: "empty file", 401: "API key missing or wrong", 408: "the body was not sent in time",
+        413: "body, image or batch too large, or an image over the memory budget",
+        415: "not an image in a supported format",
+        422: "truncated image, unknown or empty task list, repeated field or parameter",
+        502: "the engine returned an error",
+        503: "overloaded, deadline cannot be met, or engine unavailable (see Retry-After)",
     }.items()
 }
 
@@ -64,12 +71,15 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         return error_response(422, "invalid_request", _validation_detail(exc))
 
     async def unavailable(request: Request, exc: EngineUnavailable) -> JSONResponse:
-        request.app.state.gateway.metrics.rejected.labels("engine_unavailable").inc()
-        return error_response(503, "engine_unavailable", str(exc), {"Retry-After": str(retry_after_s)})
+        code, detail = ("deadline", "the request's deadline passed before the engine could run it") \
+            if isinstance(exc, DeadlineExceeded) else ("engine_unavailable", "inference engine unavailable")
+        request.app.state.gateway.metrics.rejected.labels(code).inc()
+        log.warning("%s on %s: %s", code, request.url.path, exc)
+        return error_response(503, code, detail, {"Retry-After": str(retry_after_s)})
 
     async def failed(request: Request, exc: EngineFailure) -> JSONResponse:
-        log.error("engine failure: %s", exc)
-        return error_response(502, "engine_failure", str(exc))
+        log.error("engine failure on %s: %s", request.url.path, exc)
+        return error_response(502, "engine_failure", "inference engine failed; the gateway's log has the cause")
 
     async def crashed(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)

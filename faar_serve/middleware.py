@@ -1,28 +1,54 @@
 """ASGI middleware: what must happen around every request, before routing or body parsing.
 
 Plain ASGI classes rather than ``BaseHTTPMiddleware``: they see the raw ``receive``/``send``,
-so the body limit can refuse while the bytes stream in (an oversized upload is never held
-in full) and the metrics see every answer, including those sent by other middleware.
+so the API key is checked before any of the body is read, the body limit and the body
+timeout refuse while the bytes stream in (an oversized or trickled upload is never held
+in full or for long), and the metrics see every answer, including those sent by other
+middleware.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
+from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .auth import key_matches, needs_key
 from .errors import ApiError, error_response
 from .telemetry import Metrics
 
 
+class ApiKeyMiddleware:
+    """401 from the headers alone, before the body is read, for the paths that need the key."""
+
+    def __init__(self, app: ASGIApp, key: SecretStr, metrics_public: bool) -> None:
+        self.app = app
+        self.key = key
+        self.metrics_public = metrics_public
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and needs_key(scope["path"], self.metrics_public):
+            if not key_matches(self.key, dict(scope["headers"]).get(b"authorization")):
+                answer = error_response(401, "unauthorized", "missing or wrong API key: send 'Authorization: "
+                                        "Bearer <key>'", {"WWW-Authenticate": "Bearer", "Connection": "close"})
+                await answer(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class BodyLimitMiddleware:
     """413 for a body over ``max_bytes``: from Content-Length before reading, else while counting
-    the bytes as they stream in, so an oversized upload is never held in full."""
+    the bytes as they stream in, so an oversized upload is never held in full. 408 for a body
+    not complete within ``timeout_s`` of the first read: no HTTP server measured here bounds
+    that (bench/RESULTS.md, servers), and 4 bytes/s would hold a connection for days."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -39,10 +65,20 @@ class BodyLimitMiddleware:
                 await error_response(413, "body_too_large", too_large)(scope, receive, send)
                 return
         received = 0
+        complete = False
+        deadline: float | None = None
 
         async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete, deadline
+            if complete:  # the body is in: what follows is the wait for a disconnect, untimed
+                return await receive()
+            deadline = deadline or time.monotonic() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise ApiError(408, "body_timeout", f"the request body did not arrive within {self.timeout_s:g} s",
+                               {"Connection": "close"}) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
@@ -54,7 +90,9 @@ class BodyLimitMiddleware:
 
 
 class MetricsMiddleware:
-    """Counts every answer (413s from the body limit and 500s included) by route template."""
+    """Counts every answer (413s from the body limit and 500s included) by route template. Notes when
+    each request arrived (``request.state.arrived``, ``time.monotonic()``: its deadline counts from
+    there) and calls ``request.state.answered(time)`` once the answer has been sent, if set."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -66,6 +104,8 @@ class MetricsMiddleware:
             return
         status = 500
         start = time.perf_counter()
+        state = scope.setdefault("state", {})
+        state["arrived"] = time.monotonic()  # the deadline counts from here
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -76,6 +116,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
+            if "answered" in state:  # the gateway wants to know when the answer has gone
+                state["answered"](time.monotonic())
             route: Any = scope.get("route")
             path = getattr(route, "path", "unmatched")  # templates only: bounded label values
             self.metrics.requests.labels(path, scope["method"], str(status)).inc()

@@ -1,13 +1,23 @@
-"""Typed answers of the HTTP API (they also document it at /docs); ``/v1/model`` answers the
-export manifest itself (``faar_serve.manifest.Manifest``)."""
+"""Typed answers of the HTTP API (they also document it at /docs).
+
+``/v1/model`` answers ``ModelInfo``, the public view of the export manifest
+(``faar_serve.manifest.Manifest``): what a client needs to send images and read the maps
+(tasks with their classes, palettes, units and conventions; the input size and
+normalisation; the version; the parity summary; the ONNX file's hash to pin it), and
+nothing about where or how the model was trained (the run's path, its configuration,
+ranks, package versions). The whole manifest is added only with ``--expose-manifest``.
+"""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from pydantic import BaseModel, Field
 
-from .manifest import Manifest
+from .manifest import InputTensor, LabelAgreement, Manifest, MapError, ModelRef, ParityTolerance, Task
 
-__all__ = ["BatchPrediction", "ErrorBody", "Health", "Manifest", "Prediction", "Readiness", "TaskMap"]
+__all__ = ["BatchPrediction", "ErrorBody", "Health", "Manifest", "ModelInfo", "Prediction", "Readiness",
+           "TaskMap"]
 
 
 class TaskMap(BaseModel):
@@ -66,3 +76,40 @@ class Readiness(BaseModel):
                                  "(e.g. CUDAExecutionProvider, CPUExecutionProvider), or Triton's instance kind "
                                  "(KIND_GPU, KIND_CPU); null while unknown")
     detail: str | None = Field(None, description="why it is not ready, when known")
+
+
+class ParitySummary(BaseModel):
+    """How closely the served ONNX file matched the trained model when it was exported."""
+
+    passed: bool
+    reference: str = Field(description="what it was compared with (model, DFT backend, runtime)")
+    candidate: str
+    tolerance: ParityTolerance
+    outputs: dict[str, LabelAgreement | MapError]
+    failures: list[str]
+
+
+class ModelInfo(BaseModel):
+    """The public view of the served model's manifest."""
+
+    model: ModelRef
+    created: datetime
+    input_size: tuple[int, int] = Field(description="(height, width) the model runs at; uploads of any size are "
+                                        "resized to it and maps back")
+    input: InputTensor
+    tasks: dict[str, Task]
+    precision: str | None = Field(None, description="fp32 | fp16 | int8, as exported (null: fp32, older exports)")
+    parity: ParitySummary
+    onnx_sha256: str
+    manifest: Manifest | None = Field(None, description="the whole export manifest (only with --expose-manifest)")
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> ModelInfo:
+        parity = manifest.parity
+        ref = parity.reference
+        summary = ParitySummary(passed=parity.passed, candidate=parity.candidate, tolerance=parity.tolerance,
+                                outputs=parity.outputs, failures=parity.failures,
+                                reference=f"{ref.model}; DFT {ref.fft_backend}; {ref.runtime}")
+        return cls(model=manifest.model, created=manifest.created, input_size=manifest.input_size,
+                   input=manifest.image, tasks=manifest.tasks, parity=summary, onnx_sha256=manifest.onnx.sha256,
+                   precision=manifest.export.options.precision)

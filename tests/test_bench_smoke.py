@@ -93,3 +93,31 @@ def test_quantization_quick(tmp_path: Path) -> None:
     assert all(r["images_per_s"] > 0 for r in result["rows"])
     assert result["setup"]["groups"] and isinstance(result["setup"]["cpu"]["vnni"], bool)
     assert "x int8_all" in stdout
+
+
+def test_overload_quick(tmp_path: Path) -> None:
+    result, stdout = run_quick("overload", tmp_path)
+    assert {r["engine"] for r in result["overload"]} == {"onnx", "triton"}
+    for row in result["overload"]:
+        assert row["answers"] > 0 and sum(row["errors"].values()) == 0
+        assert set(row["refusals"]) <= {"503 deadline", "503 overloaded"}
+        assert row["capacity_images_per_s"] > 0 and row["gateway_peak_rss_mib"] > 0
+    big = result["costly_uploads"]
+    assert big["only_allowed_statuses"] and big["normal"]["answers"] > 0 and big["within_budget"]
+    assert "goodput req/s" in stdout
+
+
+def test_servers_quick(tmp_path: Path) -> None:
+    result, stdout = run_quick("servers", tmp_path)
+    rows = {r["server"]: r for r in result["rows"]}
+    assert rows["granian"]["big_header_8mb_status"] == 431 and rows["granian"]["idle_s"] is not None
+    assert "slow header s" in stdout
+
+
+def test_workers_quick(tmp_path: Path) -> None:
+    result, stdout = run_quick("workers", tmp_path)
+    assert {(r["engine"], r["workers"]) for r in result["rows"]} == {(e, n) for e in ("triton", "onnx") for n in (1, 2)}
+    for row in result["rows"]:
+        assert row["errors"] == 0 and row["metrics_counted"] == row["requests"]  # every worker's requests counted
+        assert len(row["worker_rss_mib"]) == row["workers"]
+    assert "per worker MiB" in stdout

@@ -280,9 +280,9 @@ def test_overload_answers_503_with_retry_after_and_recovers(repo: Path, live_ser
     engine = app.state.gateway.engine
     infer = engine.infer
 
-    async def slow_infer(batch: np.ndarray) -> EngineResult:
+    async def slow_infer(batch: np.ndarray, deadline: float | None = None) -> EngineResult:
         await asyncio.sleep(1)
-        return await infer(batch)
+        return await infer(batch, deadline)
 
     engine.infer = slow_infer
     server = live_server(app)
@@ -303,7 +303,10 @@ def test_health_ready_model_metrics_docs(client: TestClient, repo: Path) -> None
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"ready": True, "engine": "onnx", "model": "faar", "version": 1,
                                             "provider": "CPUExecutionProvider", "detail": None}
-    assert client.get("/v1/model").json() == manifest(repo)
+    meta, model = manifest(repo), client.get("/v1/model").json()
+    assert {k: model[k] for k in ("model", "input_size", "tasks")} == {k: meta[k] for k in ("model", "input_size",
+                                                                                          "tasks")}
+    assert model["parity"]["passed"] and model["onnx_sha256"] == meta["onnx"]["sha256"]
     client.post("/v1/predict", files=post_image(encode(image(40))))
     text = client.get("/metrics").text
     assert ('faar_engine_info{engine="onnx",model="faar",provider="CPUExecutionProvider",version="1"} 1.0'
@@ -317,6 +320,11 @@ def test_health_ready_model_metrics_docs(client: TestClient, repo: Path) -> None
     assert client.get("/nope").json()["error"] == "not_found"
 
 
+def test_the_whole_manifest_only_when_asked(repo: Path) -> None:
+    with TestClient(create_app(settings(repo, expose_manifest=True))) as c:
+        assert c.get("/v1/model").json()["manifest"] == manifest(repo)
+
+
 def test_api_key_and_cors(repo: Path) -> None:
     app = create_app(settings(repo, api_key="s3cret", cors_origins=["https://app.example"]))
     with TestClient(app) as c:
@@ -328,6 +336,7 @@ def test_api_key_and_cors(repo: Path) -> None:
         assert c.get("/v1/model").status_code == 401
         assert c.post("/v1/predict", files=files, headers=right).status_code == 200
         assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+        assert c.get("/metrics").status_code == 401 and c.get("/metrics", headers=right).status_code == 200
         pre = c.options("/v1/predict", headers={"Origin": "https://app.example",
                                                  "Access-Control-Request-Method": "POST",
                                                  "Access-Control-Request-Headers": "authorization"})

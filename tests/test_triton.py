@@ -211,7 +211,7 @@ def test_a_gateway_without_the_repository_reads_the_model_from_triton(repo: Path
     port, http_port, grpc_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FAAR_")}
     env.update(FAAR_ENGINE="triton", FAAR_TRITON_URL=f"127.0.0.1:{grpc_port}", FAAR_PORT=str(port),
-               PYTHONPATH=str(Path(__file__).parents[1]))
+               FAAR_EXPOSE_MANIFEST="true", PYTHONPATH=str(Path(__file__).parents[1]))
     gateway = subprocess.Popen([sys.executable, "-m", "faar_serve", "--triton-timeout-s", "5"], cwd=empty, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     code = "from faar_serve.cli import triton_main; triton_main()"
@@ -227,7 +227,7 @@ def test_a_gateway_without_the_repository_reads_the_model_from_triton(repo: Path
         assert f"127.0.0.1:{grpc_port}" in body["detail"]
         for r in (httpx.get(url + "/v1/model"), httpx.post(url + "/v1/predict", files=post_image(encode(image(1))))):
             assert r.status_code == 503 and r.json()["error"] == "engine_unavailable" and r.headers["retry-after"]
-            assert "not known yet" in r.json()["detail"]
+            assert r.json()["detail"] == "inference engine unavailable"  # the reason: /readyz and the log
 
         triton = subprocess.Popen([sys.executable, "-c", code, "--model-repository", str(served), "--http-port",
                                    str(http_port), "--grpc-port", str(grpc_port), "--timeout", "60"],
@@ -239,7 +239,8 @@ def test_a_gateway_without_the_repository_reads_the_model_from_triton(repo: Path
         _wait(lambda: httpx.get(url + "/readyz").status_code == 200, 20, "the gateway did not become ready")
         assert httpx.get(url + "/readyz").json() == {"ready": True, "engine": "triton", "model": "faar",
                                                      "version": 1, "provider": "KIND_CPU", "detail": None}
-        assert httpx.get(url + "/v1/model").json() == json.loads((moved / "faar" / "1" / "manifest.json").read_text())
+        whole = httpx.get(url + "/v1/model").json()["manifest"]  # --expose-manifest
+        assert whole == json.loads((moved / "faar" / "1" / "manifest.json").read_text())
         r = httpx.post(url + "/v1/predict", params={"format": "npz", "precision": "float32"},
                        files=post_image(encode(image(7, 48, 80))))
         assert r.status_code == 200, r.text

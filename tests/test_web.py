@@ -245,3 +245,16 @@ def test_api_key_prompt(browser: Any, repo: Path, tmp_path: Path, live_server: S
     path = tmp_path / "photo.png"
     path.write_bytes(encode(image(5, 48, 48)))
     assert upload(browser, path) == "done", error_text(browser)  # the key goes with the upload too
+
+
+def test_docs_render_from_local_files(browser: Any, live_gateway: LiveServer) -> None:
+    """Swagger UI at /docs draws every operation with no network beyond the gateway (no CDN)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(live_gateway.url + "/docs")
+    WebDriverWait(browser, WAIT_S).until(lambda d: d.find_elements("css selector", ".opblock-summary-path"),
+                                         "Swagger UI drew no operation")
+    paths = {e.get_attribute("data-path") for e in browser.find_elements("css selector", ".opblock-summary-path")}
+    assert {"/v1/predict", "/v1/predict/batch", "/v1/model", "/metrics"} <= paths
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map((r) => r.name)")
+    assert loaded and all(url.startswith(live_gateway.url) for url in loaded), loaded

@@ -13,10 +13,19 @@ from collections.abc import Callable
 
 from ..manifest import load_model_spec
 from ..settings import Settings
-from .base import BatchLimit, BatchObserver, Engine, EngineFailure, EngineResult, EngineUnavailable
+from .base import (
+    BatchLimit,
+    BatchObserver,
+    DeadlineExceeded,
+    Engine,
+    EngineFailure,
+    EngineResult,
+    EngineUnavailable,
+)
 
 log = logging.getLogger("faar_serve")
-__all__ = ["BatchLimit", "Engine", "EngineFailure", "EngineResult", "EngineUnavailable", "create_engine"]
+__all__ = ["BatchLimit", "DeadlineExceeded", "Engine", "EngineFailure", "EngineResult", "EngineUnavailable",
+           "create_engine"]
 
 
 def create_engine(settings: Settings, upstream: Callable[[], int], observe_batch: BatchObserver | None = None
@@ -34,7 +43,7 @@ def create_engine(settings: Settings, upstream: Callable[[], int], observe_batch
                      settings.model_repository)
         return TritonEngine(url=settings.triton_url, protocol=settings.triton_protocol, model=settings.model,
                             version=settings.model_version, max_batch_size=settings.max_batch_size,
-                            timeout_s=settings.triton_timeout_s, observe_batch=observe_batch)
+                            timeout_s=settings.triton_deadline_s, observe_batch=observe_batch)
     from .onnx import OnnxEngine
 
     assert settings.model_repository is not None  # Settings requires it for the onnx engine

@@ -17,6 +17,10 @@ class EngineUnavailable(RuntimeError):
     """The engine cannot answer now (not loaded, server down, deadline passed): retry later (503)."""
 
 
+class DeadlineExceeded(EngineUnavailable):
+    """The request's deadline passed before the engine ran it: dropped, not computed (503)."""
+
+
 class EngineFailure(RuntimeError):
     """The engine answered with an error that retrying will not fix (502)."""
 
@@ -54,8 +58,9 @@ class Engine(ABC):
         """Load or connect; called once from the app's lifespan."""
 
     @abstractmethod
-    async def infer(self, batch: np.ndarray) -> EngineResult:
-        """uint8 ``[B, H, W, 3]`` at the model's input size -> every output, in order."""
+    async def infer(self, batch: np.ndarray, deadline: float | None = None) -> EngineResult:
+        """uint8 ``[B, H, W, 3]`` at the model's input size -> every output, in order. ``deadline``
+        (``time.monotonic()``): work still queued then is dropped with ``DeadlineExceeded``."""
 
     @abstractmethod
     async def ready(self) -> bool:

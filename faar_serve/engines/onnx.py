@@ -7,7 +7,9 @@ gateway, still being read or decoded): a lone request never waits for company th
 come. Images that queued while the previous batch ran go at once. Runs
 happen one at a time on a dedicated worker thread (ONNX Runtime already uses every core
 for one run), so the event loop never blocks. Each image keeps its own future, so results
-go back to the request that sent them, whatever the batch composition.
+go back to the request that sent them, whatever the batch composition. Nothing is computed
+for a caller who is gone: an image whose request was cancelled (its client disconnected)
+or whose deadline has passed is dropped when its batch is formed.
 
 The session comes from ``faar_serve.providers`` (device, TF32 off unless asked, no silent
 CPU fall-back for ``--device cuda``); ``provider`` says what runs now (``/readyz``,
@@ -30,7 +32,7 @@ import onnxruntime as ort
 
 from ..manifest import ModelSpec
 from ..providers import CPU, ProviderError, create_session, running_provider
-from .base import BatchLimit, BatchObserver, Engine, EngineFailure, EngineResult, EngineUnavailable
+from .base import BatchLimit, BatchObserver, DeadlineExceeded, Engine, EngineFailure, EngineResult, EngineUnavailable
 
 log = logging.getLogger("faar_serve")
 RunFn = Callable[[np.ndarray], dict[str, np.ndarray]]
@@ -40,7 +42,17 @@ RunFn = Callable[[np.ndarray], dict[str, np.ndarray]]
 class _Item:
     image: np.ndarray
     future: asyncio.Future[tuple[dict[str, np.ndarray], float]]
+    deadline: float | None = None
     enqueued: float = field(default_factory=time.monotonic)
+
+    def wanted(self, now: float) -> bool:
+        """Still awaited by its request and not past its deadline (then failed with ``DeadlineExceeded``)."""
+        if self.future.done():  # its request was cancelled
+            return False
+        if self.deadline is not None and now > self.deadline:
+            self.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued"))
+            return False
+        return True
 
 
 class MicroBatcher:
@@ -65,11 +77,11 @@ class MicroBatcher:
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    async def submit(self, image: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
+    async def submit(self, image: np.ndarray, deadline: float | None = None) -> tuple[dict[str, np.ndarray], float]:
         """One image -> (its outputs without the batch axis, seconds it waited for its batch)."""
         if not self.alive:
             raise EngineUnavailable("the ONNX Runtime engine is not running")
-        item = _Item(image, asyncio.get_running_loop().create_future())
+        item = _Item(image, asyncio.get_running_loop().create_future(), deadline)
         self._pending.append(item)
         self._arrived.set()
         return await item.future
@@ -90,8 +102,13 @@ class MicroBatcher:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not await self._wait_arrival(remaining):
                 break
-        batch = [self._pending.popleft() for _ in range(min(len(self._pending), self.max_batch_size))]
-        return [item for item in batch if not item.future.done()]  # done: its request was cancelled
+        now = time.monotonic()
+        batch: list[_Item] = []
+        while self._pending and len(batch) < self.max_batch_size:
+            item = self._pending.popleft()
+            if item.wanted(now):
+                batch.append(item)
+        return batch
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -164,11 +181,11 @@ class OnnxEngine(Engine):
         arrays = self.session.run(self.output_names, {self.input_name: batch})
         return dict(zip(self.output_names, arrays, strict=True))
 
-    async def infer(self, batch: np.ndarray) -> EngineResult:
+    async def infer(self, batch: np.ndarray, deadline: float | None = None) -> EngineResult:
         if self.batcher is None:
             raise EngineUnavailable("the ONNX Runtime engine is not loaded")
         t0 = time.monotonic()
-        results = await asyncio.gather(*(self.batcher.submit(image) for image in batch))
+        results = await asyncio.gather(*(self.batcher.submit(image, deadline) for image in batch))
         wall = time.monotonic() - t0
         queue = min(waited for _, waited in results)
         outputs = {n: np.stack([r[n] for r, _ in results]) for n in self.output_names}

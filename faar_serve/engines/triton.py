@@ -47,7 +47,7 @@ from tritonclient.grpc import KeepAliveOptions
 from tritonclient.utils import InferenceServerException
 
 from ..manifest import ManifestError, ModelSpec, manifest_from_model_config
-from .base import BatchLimit, BatchObserver, Engine, EngineFailure, EngineResult, EngineUnavailable
+from .base import BatchLimit, BatchObserver, DeadlineExceeded, Engine, EngineFailure, EngineResult, EngineUnavailable
 
 log = logging.getLogger("faar_serve")
 T = TypeVar("T")
@@ -59,6 +59,7 @@ TRANSIENT_STATUSES = {
     "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",
     "StatusCode.CANCELLED", "429", "502", "503", "504",
 }
+EXPIRED = ("StatusCode.DEADLINE_EXCEEDED", "Request timeout expired")  # our deadline, or Triton's queue policy
 GRPC_NAME_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")  # gRPC's naming doc
 
 
@@ -184,18 +185,23 @@ class TritonEngine(Engine):
         CUDA or fails to load, in NVIDIA's backend and in faar-triton's."""
         return "+".join(self.instance_kinds) or None
 
-    async def _call(self, call: Awaitable[T]) -> T:
+    async def _call(self, call: Awaitable[T], request_deadline: bool = False) -> T:
+        """``call``'s result, or its failure as ``EngineUnavailable`` / ``EngineFailure``; a timeout
+        is the request's ``DeadlineExceeded`` where the request's deadline set it."""
         try:
             return await call
         except InferenceServerException as exc:
             message = f"triton at {self.url}: {exc.message()}"
+            if request_deadline and (str(exc.status()) == EXPIRED[0] or EXPIRED[1] in str(exc.message())):
+                raise DeadlineExceeded(message) from exc
             if str(exc.status()) in TRANSIENT_STATUSES:
                 raise EngineUnavailable(message) from exc
             raise EngineFailure(message) from exc
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise EngineUnavailable(f"triton at {self.url}: {type(exc).__name__}: {exc}") from exc
 
-    async def _infer_chunk(self, chunk: np.ndarray, spec: ModelSpec) -> dict[str, np.ndarray]:
+    async def _infer_chunk(self, chunk: np.ndarray, spec: ModelSpec, timeout_s: float,
+                           request_deadline: bool) -> dict[str, np.ndarray]:
         assert self.client is not None
         image = self.api.InferInput(spec.input_name, list(chunk.shape), "UINT8")
         image.set_data_from_numpy(chunk)
@@ -205,17 +211,24 @@ class TritonEngine(Engine):
         # ``timeout`` (µs) goes to Triton's queue policy (config.pbtxt: REJECT, override allowed,
         # a default above it): a request still queued when its caller has given up is dropped,
         # not computed. Without it an overloaded server spends its time on answers nobody waits for.
+        # It is what is left of the request's own deadline; gRPC's call deadline is the same.
+        deadline = {"client_timeout": timeout_s} if self.protocol == "grpc" else {}
         result = await self._call(self.client.infer(self.model, [image], str(spec.version), outputs=outputs,
-                                                    timeout=int(self.timeout_s * 1e6), **self.deadline))
+                                                    timeout=max(1, int(timeout_s * 1e6)), **deadline),
+                                  request_deadline)
         return {name: result.as_numpy(name) for name in spec.output_names}
 
-    async def infer(self, batch: np.ndarray) -> EngineResult:
+    async def infer(self, batch: np.ndarray, deadline: float | None = None) -> EngineResult:
         spec = self.spec
         if self.client is None or spec is None:
             raise EngineUnavailable(self.detail or "the Triton client is not started")
         t0 = time.monotonic()
+        left = self.timeout_s if deadline is None else deadline - t0
+        if left <= 0:
+            raise DeadlineExceeded("the request's deadline passed before it reached Triton")
+        timeout_s, by_request = min(self.timeout_s, left), left < self.timeout_s
         chunks = [batch[i:i + self.max_batch_size] for i in range(0, len(batch), self.max_batch_size)]
-        results = await asyncio.gather(*(self._infer_chunk(c, spec) for c in chunks))
+        results = await asyncio.gather(*(self._infer_chunk(c, spec, timeout_s, by_request) for c in chunks))
         outputs = {n: np.concatenate([r[n] for r in results]) for n in spec.output_names}
         return EngineResult(outputs, 0.0, (time.monotonic() - t0) * 1000)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..gateway import GatewayDep
 from ..schemas import Health, Readiness
@@ -39,6 +39,7 @@ async def readyz(gw: GatewayDep) -> JSONResponse:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(gw: GatewayDep) -> Response:
-    """Prometheus text format."""
+    """Prometheus text format (every worker's, with ``--workers``); needs the API key when one is set,
+    unless ``--metrics-public``."""
     gw.metrics.describe_engine(gw.engine)
-    return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(gw.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
