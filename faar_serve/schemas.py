@@ -14,7 +14,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from .manifest import InputTensor, LabelAgreement, Manifest, MapError, ModelRef, ParityTolerance, Task
+from .manifest import AccuracyGate, InputTensor, LabelAgreement, Manifest, MapError, ModelRef, ParityTolerance, Task
 
 __all__ = ["BatchPrediction", "ErrorBody", "Health", "Manifest", "ModelInfo", "Prediction", "Readiness",
            "TaskMap"]
@@ -87,6 +87,7 @@ class ParitySummary(BaseModel):
     tolerance: ParityTolerance
     outputs: dict[str, LabelAgreement | MapError]
     failures: list[str]
+    gate: AccuracyGate | None = Field(None, description="fp16 / int8 exports: task metrics against the fp32 graph")
 
 
 class ModelInfo(BaseModel):
@@ -108,7 +109,7 @@ class ModelInfo(BaseModel):
         parity = manifest.parity
         ref = parity.reference
         summary = ParitySummary(passed=parity.passed, candidate=parity.candidate, tolerance=parity.tolerance,
-                                outputs=parity.outputs, failures=parity.failures,
+                                outputs=parity.outputs, failures=parity.failures, gate=parity.gate,
                                 reference=f"{ref.model}; DFT {ref.fft_backend}; {ref.runtime}")
         return cls(model=manifest.model, created=manifest.created, input_size=manifest.input_size,
                    input=manifest.image, tasks=manifest.tasks, parity=summary, onnx_sha256=manifest.onnx.sha256,

@@ -168,7 +168,7 @@ def test_gateway_and_triton_serve_the_int8_model(models: Path) -> None:
         assert r.status_code == 200, r.text
         via_gateway = load_npz(r.content)
         info = httpx.get(f"{server.url}/v1/model", timeout=10).json()
-    assert info["model"]["version"] == 2 and info["export"]["precision"] == "int8"
+    assert info["model"]["version"] == 2 and info["precision"] == "int8" and info["parity"]["gate"]["passed"]
     with LocalTriton(models) as triton:
         import tritonclient.http as http
 
