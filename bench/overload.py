@@ -283,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/overload.json"))
     args = parser.parse_args(argv)
     if args.quick:
-        args.config, args.deadline, args.concurrency, args.seconds, args.capacity_seconds = "tiny", 0.5, 8, 6.0, 2.0
-        args.big_side, args.big_budget_mb, args.big_seconds, args.big_normal_clients = 1500, 400, 8.0, 2
+        args.config, args.deadline, args.concurrency, args.seconds, args.capacity_seconds = "tiny", 0.5, 8, 4.0, 2.0
+        args.big_side, args.big_budget_mb, args.big_seconds, args.big_normal_clients = 1500, 400, 5.0, 2
     payload = scene_png(tuple(args.image))
     with tempfile.TemporaryDirectory() as tmp:
         repo = export_repository(args.config, Path(tmp), max_batch_size=8)

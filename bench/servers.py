@@ -18,8 +18,9 @@ requests at once. Then ``clients.attacks`` measures, per candidate:
 Holding times are capped at ``--limit`` s ("held" in the table). The gateway's own choice
 and why is in ``faar_serve/server.py``; the numbers are in bench/RESULTS.md.
 
+    pip install hypercorn gunicorn     # the two candidates the gateway does not depend on
     python -m bench.servers --out bench/results/servers.json
-    python -m bench.servers --quick
+    python -m bench.servers --quick --only granian "uvicorn (httptools)"   # what the smoke test runs
 """
 
 from __future__ import annotations

@@ -12,9 +12,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_quick(script: str, tmp_path: Path) -> tuple[dict[str, Any], str]:
+def run_quick(script: str, tmp_path: Path, *extra: str) -> tuple[dict[str, Any], str]:
+    """``extra`` narrows the slowest benchmarks to the parts no other test covers (suite time)."""
     out = tmp_path / f"{script}.json"
-    proc = subprocess.run([sys.executable, "-m", f"bench.{script}", "--quick", "--out", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", f"bench.{script}", "--quick", "--out", str(out), *extra], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -86,9 +87,10 @@ def test_predict_quick(tmp_path: Path) -> None:
 
 
 def test_quantization_quick(tmp_path: Path) -> None:
-    result, stdout = run_quick("quantization", tmp_path)
+    # the per-group forms: test_int8's sensitivity pass quantises every group
+    result, stdout = run_quick("quantization", tmp_path, "--no-groups")
     forms = {r["form"] for r in result["rows"]}
-    assert {"fp32", "int8_all"} <= forms and any(f.startswith("float:backbone") for f in forms)
+    assert {"fp32", "int8_all"} <= forms
     assert {r["batch"] for r in result["rows"]} == {1, 2}
     assert all(r["images_per_s"] > 0 for r in result["rows"])
     assert result["setup"]["groups"] and isinstance(result["setup"]["cpu"]["vnni"], bool)
@@ -96,8 +98,9 @@ def test_quantization_quick(tmp_path: Path) -> None:
 
 
 def test_overload_quick(tmp_path: Path) -> None:
-    result, stdout = run_quick("overload", tmp_path)
-    assert {r["engine"] for r in result["overload"]} == {"onnx", "triton"}
+    # Triton's deadlines: test_serve_attacks and test_triton run them against real servers
+    result, stdout = run_quick("overload", tmp_path, "--engines", "onnx")
+    assert {r["engine"] for r in result["overload"]} == {"onnx"}
     for row in result["overload"]:
         assert row["answers"] > 0 and sum(row["errors"].values()) == 0
         assert set(row["refusals"]) <= {"503 deadline", "503 overloaded"}
@@ -108,7 +111,7 @@ def test_overload_quick(tmp_path: Path) -> None:
 
 
 def test_servers_quick(tmp_path: Path) -> None:
-    result, stdout = run_quick("servers", tmp_path)
+    result, stdout = run_quick("servers", tmp_path, "--only", "granian", "uvicorn (httptools)")
     rows = {r["server"]: r for r in result["rows"]}
     assert rows["granian"]["big_header_8mb_status"] == 431 and rows["granian"]["idle_s"] is not None
     assert "slow header s" in stdout
