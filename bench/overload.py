@@ -287,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         args.big_side, args.big_budget_mb, args.big_seconds, args.big_normal_clients = 1500, 400, 5.0, 2
     payload = scene_png(tuple(args.image))
     with tempfile.TemporaryDirectory() as tmp:
-        repo = export_repository(args.config, Path(tmp), max_batch_size=8)
+        # Triton's own queue limit above any wait here: the engine-alone capacity keeps 32 calls in
+        # flight (tens of seconds of queue on Swin-T); the gateway's deadlines, shorter, still apply.
+        repo = export_repository(args.config, Path(tmp), max_batch_size=8, queue_timeout_s=600)
         rows = []
         for engine in args.engines:
             if engine == "triton":

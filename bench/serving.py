@@ -6,10 +6,13 @@ load loop with the same PNG:
                     no spin-waiting threads)
   onnx_batching     ``--max-batch-size`` = config.pbtxt's max batch (micro-batching)
   onnx_spin_wait    ``--cpu-spin-wait`` (ONNX Runtime threads busy-wait between operators)
+  onnx_streams      ``--inference-streams`` = cores (that many runs at once, one thread each)
   triton            ``--engine triton`` against a real local Triton (``faar-triton``'s server,
                     dynamic batching from config.pbtxt), over gRPC
 ``bare`` is ONNX Runtime alone on the already decoded, resized image at batch 1 and at the
-max batch: what the model can do without HTTP, decoding, resizing and encoding. Reported
+max batch (spin-waiting threads), and one single-threaded session per core running batch 1
+side by side: what the model can do without HTTP, decoding, resizing and encoding; the
+best of the three is the reference. Reported
 per setup and concurrency: throughput, p50/p95/p99 latency, throughput as a share of the
 bare engine's best, the gateway's peak RSS (VmHWM; for Triton also the server's process
 tree), and the median of each server stage (from the answers' ``Server-Timing``): what is
@@ -34,6 +37,7 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -47,17 +51,19 @@ from faar.run import save_model
 from faar_serve.manifest import load_model_spec
 from faar_serve.net import free_port, wait_ready
 from faar_serve.providers import create_session
+from faar_serve.settings import usable_cores
 from faar_serve.triton_local import LocalTriton
 
 MODEL = "faar"
-SETUPS = ("onnx", "onnx_batching", "onnx_spin_wait", "triton")
+SETUPS = ("onnx", "onnx_batching", "onnx_spin_wait", "onnx_streams", "triton")
 PATIENCE_S = 120.0  # the gateway's deadline here: the load generator's own; bench.overload measures deadlines
 
 
-def export_repository(config: str, dest: Path, max_batch_size: int) -> Path:
+def export_repository(config: str, dest: Path, max_batch_size: int, queue_timeout_s: float = 10.0) -> Path:
     """A real repository from a randomly initialised model of the preset (what faar-export writes)."""
     save_model(random_model(config), dest / "run")
-    export_run(dest / "run", dest / "repo", ExportOptions(name=MODEL, version=1, max_batch_size=max_batch_size))
+    export_run(dest / "run", dest / "repo", ExportOptions(name=MODEL, version=1, max_batch_size=max_batch_size,
+                                                          queue_timeout_s=queue_timeout_s))
     return dest / "repo"
 
 
@@ -84,15 +90,28 @@ def peak_rss_mib(pid: int) -> float:
 
 def bare_engine(repo: Path, image: bytes, max_batch: int, repeats: int) -> dict[str, float]:
     """Images/s of ONNX Runtime alone at batch 1 and at the max batch, with spin-waiting
-    threads: the fastest setting when nothing else runs."""
+    threads (the fastest setting when nothing else runs), and of one single-threaded session
+    per core at batch 1, all running at once (``--inference-streams``)."""
     spec = load_model_spec(repo, MODEL)
     session = create_session(spec.onnx_path, "cpu", spin_wait=True)
+    cores = usable_cores()
+    streams = [create_session(spec.onnx_path, "cpu", threads=1) for _ in range(cores)]
     h, w = spec.height, spec.width
     pixels = np.asarray(Image.open(io.BytesIO(image)).convert("RGB").resize((w, h), Image.Resampling.BILINEAR))
     name = session.get_inputs()[0].name
     batches = {b: np.repeat(pixels[None], b, axis=0) for b in sorted({1, max_batch})}
-    times = interleaved_medians({b: ort_call(session, {name: x}) for b, x in batches.items()}, repeats, 2)
-    return {f"b{b}": b / t for b, t in times.items()}
+    per_stream = 8
+    pool = ThreadPoolExecutor(cores)
+
+    def side_by_side() -> None:
+        list(pool.map(lambda s: [s.run(None, {name: batches[1]}) for _ in range(per_stream)], streams))
+
+    forms: dict[str, Callable[[], object]] = {f"b{b}": ort_call(session, {name: x}) for b, x in batches.items()}
+    forms[f"b1 x{cores} streams"] = side_by_side
+    with pool:
+        times = interleaved_medians(forms, repeats, 2)
+    images = {f"b{b}": b for b in batches} | {f"b1 x{cores} streams": cores * per_stream}
+    return {form: images[form] / t for form, t in times.items()}
 
 
 class Gateway:
@@ -103,9 +122,12 @@ class Gateway:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "faar_serve", "--model-repository", str(repo), "--port", str(self.port),
-               "--log-level", "warning", "--max-queue", "256", "--request-timeout-s", str(PATIENCE_S), *flags]
+               "--log-level", "warning", "--max-queue", "256", *flags]
         self.log = tempfile.TemporaryFile()
-        env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None  # and run there: -m puts cwd first
+        # The deadline as a variable, which a gateway from before it existed ignores (--gateway-pythonpath).
+        env = {"FAAR_REQUEST_TIMEOUT_S": str(PATIENCE_S), **os.environ}
+        if pythonpath:
+            env["PYTHONPATH"] = pythonpath  # and run there: -m puts cwd first
         self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=pythonpath)
         try:
             wait_ready(self.url, self.process)
@@ -134,7 +156,8 @@ def run(config: str, concurrencies: list[int], requests: int, max_batch: int, im
         repo = export_repository(config, Path(tmp), max_batch)
         bare = bare_engine(repo, image, max_batch, repeats=7)
         setups: dict[str, tuple[str, ...]] = {"onnx": (), "onnx_batching": ("--max-batch-size", str(max_batch)),
-                                              "onnx_spin_wait": ("--cpu-spin-wait",)}
+                                              "onnx_spin_wait": ("--cpu-spin-wait",),
+                                              "onnx_streams": ("--inference-streams", str(usable_cores()))}
         setups = {k: v for k, v in setups.items() if k in only} if only else setups
         triton = triton and (not only or "triton" in only)
         reports: dict[tuple[str, int], list[dict]] = {}

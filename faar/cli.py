@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config, preset_names
+from .config import ConfigError, dump_config, load_config, preset_names
 
 
 def _fail(message: str) -> int:
@@ -31,6 +31,9 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summary", action="store_true",
                         help="print parameter counts as JSON (last line) and exit without training")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the model saved in --out and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (every key, defaults included) as YAML and exit: the "
+                             "config reference, and what --set can change")
     args = parser.parse_args(argv)
 
     from .model import build_model, parameter_summary
@@ -43,6 +46,9 @@ def train_main(argv: list[str] | None = None) -> int:
         if config_source is None:
             return _fail("--config is required (a preset name or a YAML file)")
         cfg = load_config(config_source, args.overrides)
+        if args.print_config:
+            print(dump_config(cfg), end="")
+            return 0
         if args.summary:
             summary = parameter_summary(build_model(cfg.model, load_weights=False))
             print(json.dumps(summary))

@@ -5,9 +5,11 @@ header (format, size, limits; nothing decoded: ``codec.probe``) -> its cost in m
 (``cost``) -> admission (budget, deadline, count: ``admission``) -> decode at the smallest
 scale the model needs and resize to its input (worker threads) -> one engine call for all
 uploads, with the request's deadline -> resize maps to the size asked for and encode
-(worker threads; one answer's maps in parallel with ``render_threads`` > 1). All of it is
-``faar_serve.codec``, the data path ``Predictor`` and ``faar-predict`` share. CPU work never
-runs on the event loop, so no upload can stall other requests.
+(worker threads; one answer's maps spread over ``render_threads`` threads while fewer images
+than that are in the gateway: parallel where cores are idle, one thread each under load,
+where the hand-offs only cost). All of it is ``faar_serve.codec``, the data path
+``Predictor`` and ``faar-predict`` share. CPU work never runs on the event loop, so no
+upload can stall other requests.
 
 A caller who goes away is not computed for: ``until_disconnected`` cancels the request's
 work when the server reports the disconnect, which drops its images from the engine's
@@ -75,6 +77,14 @@ class Gateway:
     engine: Engine
     render_pool: Executor | None = None  # threads for one answer's maps (settings.render_threads > 1)
 
+    def _render_pool(self) -> Executor | None:
+        """The render threads while cores are idle (fewer images in the gateway than threads): one
+        answer's maps in parallel cut its latency there, and cost throughput under load
+        (bench/RESULTS.md, data path)."""
+        if self.render_pool is not None and self.admission.images < self.settings.render_threads:
+            return self.render_pool
+        return None
+
     @property
     def spec(self) -> ModelSpec:
         """The served model; ``EngineUnavailable`` (503) while the engine does not know it yet."""
@@ -117,7 +127,7 @@ class Gateway:
         outputs = {t.output: result.outputs[t.output][index] for t in infos}
         model_hw = next(iter(outputs.values())).shape[-2:]
         height, width = codec.output_size(size, image.size, model_hw)
-        maps = codec.render(infos, outputs, height, width, fmt, precision, self.render_pool)
+        maps = codec.render(infos, outputs, height, width, fmt, precision, self._render_pool())
         timings = {"decode": image.decode_ms, "resize": image.resize_ms + maps.resize_ms, "queue": result.queue_ms,
                    "inference": result.inference_ms, "encode": maps.encode_ms}
         self.metrics.observe_stages(timings)

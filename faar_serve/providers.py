@@ -46,12 +46,12 @@ def providers_for(device: str, tf32: bool = False) -> list[Any]:
     return [(CUDA, {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": int(tf32)}), CPU]
 
 
-def create_session(path: str | Path, device: str, spin_wait: bool = False,
-                   tf32: bool = False) -> ort.InferenceSession:
+def create_session(path: str | Path, device: str, spin_wait: bool = False, tf32: bool = False,
+                   threads: int = 0) -> ort.InferenceSession:
     """A session with the best measured settings (bench/RESULTS.md): every graph optimisation,
-    intra-op threads = cores, sequential execution. ``spin_wait`` lets the CPU threads
+    intra-op threads = cores (or ``threads``), sequential execution. ``spin_wait`` lets the CPU threads
     busy-wait between operators: faster alone, but in the gateway they take the cores that
-    decode and encode other requests (15-27 % of throughput under load for a small model,
+    decode and encode other requests (up to a fifth of the throughput under load for a small model,
     no clear difference for Swin-T)."""
     providers = providers_for(device, tf32)
     wanted_cuda = providers[0] != CPU
@@ -60,6 +60,7 @@ def create_session(path: str | Path, device: str, spin_wait: bool = False,
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
+    options.intra_op_num_threads = threads  # 0: ONNX Runtime's default, one per core
     session = ort.InferenceSession(str(path), options, providers=providers)
     if wanted_cuda and CUDA not in session.get_providers():
         # onnxruntime-gpu falls back to the CPU when CUDA/cuDNN libraries are missing, saying so only in its log.

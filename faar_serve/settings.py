@@ -18,6 +18,7 @@ of the repository, and a repository given anyway is not read.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,14 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1 << 20
 BUDGET_SHARE = 0.25  # of the machine's memory, for images in flight (decode to encode), split among workers
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which container runtimes set)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def machine_memory_bytes() -> int:
@@ -79,10 +88,17 @@ class Settings(BaseSettings):
     cpu_spin_wait: bool = Field(
         False, description="onnx engine on CPU: ONNX Runtime threads busy-wait between operators; lower "
         "latency when idle, less throughput under load (they take the cores that decode and encode)")
+    inference_streams: int = Field(
+        1, ge=1, description="onnx engine: model runs at once, each on its own session (a copy of the model) "
+        "with cores / N threads. On the CPU a small model serves more images with N = cores (the demo model "
+        "about 1.6x); a large one keeps every core busy in one run, where more streams only add latency and "
+        "memory (bench/RESULTS.md)")
     render_threads: int = Field(
-        1, ge=1, description="threads that resize and encode one answer's maps in parallel (OpenCV, zlib-ng "
-        "and fpng release the GIL); 1: one after the other. More only helps while cores are idle (few "
-        "concurrent requests): bench/RESULTS.md, data path")
+        default_factory=lambda: usable_cores(), ge=1,
+        description="threads that resize and encode one answer's maps in parallel (OpenCV, zlib-ng and fpng "
+        "release the GIL) while fewer images than this are in the gateway, i.e. while cores are idle; under "
+        "load each answer renders on one thread. 1: never in parallel. Default: the usable cores "
+        "(bench/RESULTS.md, data path)")
     request_timeout_s: float = Field(
         10.0, gt=0, description="deadline of a request from admission to answer: refused at once (503 + "
         "Retry-After) when the queue ahead says it cannot make it; queued work past it is dropped")

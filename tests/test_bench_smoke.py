@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from faar_serve.settings import usable_cores
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -55,12 +57,13 @@ def test_runtimes_quick(tmp_path: Path) -> None:
 
 def test_serving_quick(tmp_path: Path) -> None:
     result, stdout = run_quick("serving", tmp_path)
-    assert {r["setup"] for r in result["rows"]} == {"onnx", "onnx_batching", "onnx_spin_wait", "triton"}
+    assert {r["setup"] for r in result["rows"]} == {"onnx", "onnx_batching", "onnx_spin_wait", "onnx_streams",
+                                                    "triton"}
     stages = {"decode", "resize", "queue", "inference", "encode"}
     assert all(set(r["server_stage_p50_ms"]) == stages for r in result["rows"])
     assert all(r["errors"] == 0 and r["ok"] == r["requests"] for r in result["rows"])
     assert all(r["gateway_peak_rss_mib"] > 0 for r in result["rows"])
-    assert set(result["bare_images_per_s"]) == {"b1", "b8"}
+    assert set(result["bare_images_per_s"]) == {"b1", "b8", f"b1 x{usable_cores()} streams"}
     assert "p99 ms" in stdout
 
 

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import httpx
@@ -29,6 +30,7 @@ from faar_serve.app import create_app
 from faar_serve.cli import load_settings
 from faar_serve.engines import EngineFailure, EngineResult
 from faar_serve.manifest import ManifestError
+from faar_serve.settings import usable_cores
 
 EXACT = {"format": "npz", "precision": "float32"}  # the arrays the offline reference is compared with
 ALL_TASKS = ["semseg", "human_parts", "saliency", "normals", "depth", "edge"]
@@ -272,6 +274,34 @@ def test_a_lone_request_does_not_wait_for_the_batch_window(repo: Path) -> None:
         r = c.post("/v1/predict", files=post_image(encode(image(7))))
     assert r.status_code == 200, r.text
     assert r.json()["timings_ms"]["queue"] < 500
+
+
+def test_inference_streams_run_side_by_side_with_the_same_answers(repo: Path, live_server: ServeApp) -> None:
+    """Two streams: two sessions of cores / 2 threads, two runs at once (each run waits until the
+    other has started: one stream at a time would time out), every image with its own answer."""
+    images = [encode(image(300 + i)) for i in range(2)]
+    with TestClient(create_app(settings(repo))) as c:
+        expected = [load_npz(c.post("/v1/predict", files=post_image(d), params={"format": "npz"}).content)
+                    for d in images]
+    app = create_app(settings(repo, inference_streams=2))
+    engine = app.state.gateway.engine
+    both_running = threading.Barrier(2, timeout=10)
+    run = engine._run
+
+    def run_when_both_run(session: ort.InferenceSession, batch: np.ndarray) -> dict[str, np.ndarray]:
+        both_running.wait()
+        return run(session, batch)
+
+    engine._run = run_when_both_run
+    server = live_server(app)
+    assert len(engine.sessions) == 2
+    assert {s.get_session_options().intra_op_num_threads for s in engine.sessions} == {max(1, usable_cores() // 2)}
+    responses = asyncio.run(_post_many(server.url, images, {"format": "npz"}))
+    assert [r.status_code for r in responses] == [200, 200]
+    for r, want in zip(responses, expected, strict=True):
+        got = load_npz(r.content)
+        for task, arr in want.items():
+            np.testing.assert_array_equal(got[task], arr)
 
 
 def test_overload_answers_503_with_retry_after_and_recovers(repo: Path, live_server: ServeApp) -> None:

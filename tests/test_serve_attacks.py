@@ -216,19 +216,13 @@ def slowed(repo: Path, run_s: float, **overrides: Any) -> Any:
     """The gateway with the embedded engine's every run taking ``run_s`` longer (in its thread)."""
     app = create_app(settings(repo, **overrides))
     engine = app.state.gateway.engine
-    start = engine.start
+    run = engine._run
 
-    async def start_slow() -> None:
-        await start()
-        run = engine.batcher.run
+    def slow_run(session: Any, batch: np.ndarray) -> dict[str, np.ndarray]:
+        time.sleep(run_s)
+        return run(session, batch)
 
-        def slow_run(batch: np.ndarray) -> dict[str, np.ndarray]:
-            time.sleep(run_s)
-            return run(batch)
-
-        engine.batcher.run = slow_run
-
-    engine.start = start_slow
+    engine._run = slow_run  # the batcher's run functions are made from it at start
     return app
 
 

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from support import OfflineMaps, encode, image, load_npz, post_image, reference_resize, settings
 
-from faar_serve.app import create_app
+from faar_serve.app import create_app, create_gateway
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,19 @@ def test_parallel_rendering_gives_the_same_answer(repo: Path) -> None:
             answers.append({k: v for k, v in c.post("/v1/predict", files=post_image(data)).json().items()
                             if k != "timings_ms"})
     assert answers[0] == answers[1]
+
+
+def test_one_answer_renders_in_parallel_only_while_cores_are_idle(repo: Path) -> None:
+    """The pool is used while fewer images than render threads are in the gateway (idle cores),
+    not under load, where the hand-offs cost throughput (bench/RESULTS.md, data path)."""
+    gateway = create_gateway(settings(repo, render_threads=2))
+    assert gateway.render_pool is not None
+    gateway.admission.images = 1  # this answer's image alone
+    assert gateway._render_pool() is gateway.render_pool
+    gateway.admission.images = 2
+    assert gateway._render_pool() is None
+    assert create_gateway(settings(repo, render_threads=1))._render_pool() is None
+    gateway.render_pool.shutdown()
 
 
 def test_labels_are_nearest_of_the_model_output_through_the_gateway(client: TestClient,

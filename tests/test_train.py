@@ -139,6 +139,16 @@ def test_summary_prints_json_last_line(capsys: pytest.CaptureFixture[str]) -> No
     assert tspd == 150_456  # TS-PD as published (test_model.py shows how the number arises)
 
 
+def test_print_config_is_the_resolved_config_and_loads_back(capsys: pytest.CaptureFixture[str],
+                                                             tmp_path: Path) -> None:
+    """The README's config reference: every key with its value, and a file faar-train accepts."""
+    assert train_main(["--config", "demo", "--set", "pdrs.margin=3", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert "spectral_filter: channel" in text and "margin: 3" in text
+    (tmp_path / "c.yaml").write_text(text)
+    assert load_config(str(tmp_path / "c.yaml")) == load_config("demo", ["pdrs.margin=3"])
+
+
 def test_cli_errors_are_clear(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert train_main(["--config", "tiny", "--set", "model.nope=1", "--out", str(tmp_path / "x")]) == 2
     assert "model.nope" in capsys.readouterr().err

@@ -1,18 +1,19 @@
 """One image's maps, resized and encoded: the step the gateway, ``Predictor`` and ``faar-predict`` share.
 
 Two phases, each timed on the wall clock: every map is resized (``resize``), then every map
-is encoded (``encode``). With a thread pool the maps of one phase run in parallel: OpenCV,
-numpy, zlib-ng and fpng release the GIL, so this uses cores that would otherwise be idle
-(one request at a time); under load every core is busy anyway and it only adds hand-offs
-(bench/RESULTS.md says when it helps). The barrier between the phases costs little, since
-resizing is a few percent of the work, and keeps the two stages' times meaningful.
+is encoded (``encode``). With a thread pool the maps of one phase run in parallel, the
+costliest first so that a cheap one finishes last: OpenCV, numpy, zlib-ng and fpng release
+the GIL, so this uses cores that would otherwise be idle (one request at a time); under
+load every core is busy anyway and it only adds hand-offs (the gateway then passes no
+pool; bench/RESULTS.md says when it helps). The barrier between the phases keeps the two
+stages' times meaningful.
 """
 
 from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -22,7 +23,6 @@ import numpy as np
 from ..manifest import TaskInfo
 from .maps import Precision, npz_map, png_map, resize_map
 
-T = TypeVar("T")
 R = TypeVar("R")
 Format = Literal["json", "png", "npz"]  # json: PNG fields with base64; png: (PNG bytes, fields); npz: arrays
 
@@ -36,11 +36,18 @@ class RenderedMaps:
     encode_ms: float
 
 
-def _each(pool: Executor | None, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
-    items = list(items)
-    if pool is None or len(items) < 2:
-        return [fn(item) for item in items]
-    return list(pool.map(fn, items))
+# Relative cost of one map by kind (resize + encode of a 1080p map, bench/RESULTS.md): the pool
+# starts the costliest first, so the last map to finish is a cheap one.
+_WORK = {"normals": 4, "depth": 2, "probability": 2, "labels": 1}
+
+
+def _each(pool: Executor | None, fn: Callable[[TaskInfo], R], tasks: Sequence[TaskInfo]) -> list[R]:
+    """``fn`` of every task, in order; on ``pool`` (costliest first) when given."""
+    if pool is None or len(tasks) < 2:
+        return [fn(task) for task in tasks]
+    costliest_first = sorted(range(len(tasks)), key=lambda i: -_WORK.get(tasks[i].kind, 1))
+    futures = {i: pool.submit(fn, tasks[i]) for i in costliest_first}
+    return [futures[i].result() for i in range(len(tasks))]
 
 
 def resize_maps(tasks: Sequence[TaskInfo], outputs: Mapping[str, np.ndarray], height: int, width: int,

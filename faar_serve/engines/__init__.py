@@ -50,4 +50,5 @@ def create_engine(settings: Settings, upstream: Callable[[], int], observe_batch
     spec = load_model_spec(settings.model_repository, settings.model, settings.model_version)
     return OnnxEngine(spec=spec, device=settings.device, max_batch_size=settings.max_batch_size,
                       max_queue_delay_ms=settings.max_queue_delay_ms, upstream=upstream,
-                      spin_wait=settings.cpu_spin_wait, tf32=settings.cuda_tf32, observe_batch=observe_batch)
+                      spin_wait=settings.cpu_spin_wait, tf32=settings.cuda_tf32, streams=settings.inference_streams,
+                      observe_batch=observe_batch)
