@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from faar.adapters import adapters_of
 from faar.config import load_config
+from faar.export.gate import cpuinfo
 from faar.model import FAARModel, build_model
 
 # Two vector FMA units per core: Zen 2-5 and Intel cores since Haswell. The peak below takes
@@ -76,20 +77,9 @@ def ort_call(session: Any, feeds: dict[str, Any]) -> Callable[[], object]:
     return lambda: session.run(None, feeds)
 
 
-def _cpuinfo() -> dict[str, str]:
-    info: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return info
-
-
 def cpu_peak_gflops(cores: int | None = None) -> dict[str, Any]:
     """fp32 peak = cores x clock x FMA units x SIMD lanes x 2 (an FMA is two FLOPs), from /proc/cpuinfo."""
-    info = _cpuinfo()
+    info = cpuinfo()
     flags = set(info.get("flags", "").split())
     lanes = 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= flags else 4
     ghz = float(info.get("cpu MHz", "0") or 0) / 1000
@@ -108,7 +98,7 @@ def machine() -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
-    info = _cpuinfo()
+    info = cpuinfo()
     flags = set(info.get("flags", "").split())
     return {"cpu": info.get("model name") or platform.processor() or platform.machine(),
             "cpu_family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",

@@ -101,14 +101,10 @@ def bare_engine(repo: Path, image: bytes, max_batch: int, repeats: int) -> dict[
     name = session.get_inputs()[0].name
     batches = {b: np.repeat(pixels[None], b, axis=0) for b in sorted({1, max_batch})}
     per_stream = 8
-    pool = ThreadPoolExecutor(cores)
-
-    def side_by_side() -> None:
-        list(pool.map(lambda s: [s.run(None, {name: batches[1]}) for _ in range(per_stream)], streams))
-
     forms: dict[str, Callable[[], object]] = {f"b{b}": ort_call(session, {name: x}) for b, x in batches.items()}
-    forms[f"b1 x{cores} streams"] = side_by_side
-    with pool:
+    with ThreadPoolExecutor(cores) as pool:
+        forms[f"b1 x{cores} streams"] = lambda: list(pool.map(
+            lambda s: [s.run(None, {name: batches[1]}) for _ in range(per_stream)], streams))
         times = interleaved_medians(forms, repeats, 2)
     images = {f"b{b}": b for b in batches} | {f"b1 x{cores} streams": cores * per_stream}
     return {form: images[form] / t for form, t in times.items()}

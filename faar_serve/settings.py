@@ -94,7 +94,7 @@ class Settings(BaseSettings):
         "about 1.6x); a large one keeps every core busy in one run, where more streams only add latency and "
         "memory (bench/RESULTS.md)")
     render_threads: int = Field(
-        default_factory=lambda: usable_cores(), ge=1,
+        default_factory=usable_cores, ge=1,
         description="threads that resize and encode one answer's maps in parallel (OpenCV, zlib-ng and fpng "
         "release the GIL) while fewer images than this are in the gateway, i.e. while cores are idle; under "
         "load each answer renders on one thread. 1: never in parallel. Default: the usable cores "

@@ -181,8 +181,8 @@ def calibration_images(source: str, cfg: Config | None, tasks: Sequence[str], si
     return images
 
 
-def cpu_description() -> dict[str, Any]:
-    """The CPU whose int8 kernels the gate measured (VNNI changes them)."""
+def cpuinfo() -> dict[str, str]:
+    """The first processor's ``/proc/cpuinfo`` fields (empty where there is none)."""
     info: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -190,6 +190,12 @@ def cpu_description() -> dict[str, Any]:
             info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return info
+
+
+def cpu_description() -> dict[str, Any]:
+    """The CPU whose int8 kernels the gate measured (VNNI changes them)."""
+    info = cpuinfo()
     flags = set(info.get("flags", "").split())
     return {"model": info.get("model name", "unknown"), "cores": os.cpu_count() or 0,
             "avx2": "avx2" in flags, "avx512": "avx512f" in flags,

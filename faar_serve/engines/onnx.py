@@ -10,10 +10,10 @@ Runtime already uses every core for one run), or ``streams`` at once, each on it
 session with cores / streams threads. A small model cannot keep several cores busy within
 one image, so on the CPU two single-threaded runs side by side serve about 1.6x the images
 of one run on two threads (the demo model, bench/RESULTS.md); a large model gains nothing
-and each image takes longer, hence one stream by default. Each image keeps its own future, so results
-go back to the request that sent them, whatever the batch composition. Nothing is computed
-for a caller who is gone: an image whose request was cancelled (its client disconnected)
-or whose deadline has passed is dropped when its batch is formed.
+and each image takes longer, hence one stream by default. Each image keeps its own future,
+so results go back to the request that sent them, whatever the batch composition. Nothing
+is computed for a caller who is gone: an image whose request was cancelled (its client
+disconnected) or whose deadline has passed is dropped when its batch is formed.
 
 The session comes from ``faar_serve.providers`` (device, TF32 off unless asked, no silent
 CPU fall-back for ``--device cuda``); ``provider`` says what runs now (``/readyz``,
