@@ -1,7 +1,11 @@
 """Admission: refuse early and cheaply what the gateway cannot serve well, before any pixel is decoded.
 
 A request is admitted once, for all its images, after its body is read and each image's
-header is probed (``cost``) and before anything is decoded. In this order:
+header is probed (``cost``) and before anything is decoded. Before that, from its headers
+alone, it is refused when not even one image could be served in time (steps 2-3 for one
+image, ``check_arrival``): under overload most refusals then cost no body read, multipart
+parse or thread hop, and are answered in the time it takes to read the headers
+(bench/RESULTS.md, overload). In this order:
 
 1. **Too costly for this gateway**: an image whose peak memory (``cost.image_cost``) is over
    the whole budget could never be admitted: 413 ``too_costly``, with the budget in the text.
@@ -170,7 +174,16 @@ class Admission:
             raise self._refuse(413, "too_costly", f"this image needs about {worst / MB:.0f} MB to serve; the "
                                f"gateway admits at most {self.budget / MB:.0f} MB of images at once "
                                "(--max-inflight-bytes); send a smaller image")
-        images = len(costs)
+        return self._in_time(len(costs), deadline)
+
+    def check_arrival(self, deadline: float) -> None:
+        """Steps 2-3 for the smallest request (one image) from its headers alone: when not even that
+        could be served in time, the refusal needs no byte of the body (``middleware.EarlyRefusal``).
+        Checked again with the real images once the body is in."""
+        self._in_time(1, deadline)
+
+    def _in_time(self, images: int, deadline: float) -> float:
+        """Steps 2-3: the seconds ``images`` admitted now are expected to take, or the refusal."""
         expected = self.clock.expected_s(self.ahead, self.images, images)
         late = time.monotonic() + expected - deadline
         if self.images > 0 and late > 0:

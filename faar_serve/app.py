@@ -3,7 +3,8 @@
 Request path, each step refusing as early and as cheaply as it can: the HTTP server
 (``server``: header size 431, header and keep-alive timeouts, connection cap) -> metrics
 (outermost ASGI: counts every answer) -> CORS (if configured) -> API key (from the headers,
-before the body) -> body limit and body timeout (while streaming) -> router (input rules)
+before the body) -> body limit and body timeout (while streaming) -> early refusal (a
+prediction that cannot make its deadline, from the headers) -> router (input rules)
 -> ``Gateway.predict``: each image's header -> its cost -> admission (memory budget,
 deadline, count; 413/503 + Retry-After) -> decode + resize (worker thread) -> engine (with
 the deadline) -> resize maps back + encode (worker thread). Every refusal is a JSON
@@ -30,7 +31,7 @@ from .engines import create_engine
 from .errors import install_error_handlers
 from .gateway import Gateway
 from .manifest import ModelSpec
-from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, EarlyRefusalMiddleware, MetricsMiddleware
 from .routes import inference, operations, web
 from .settings import Settings
 from .telemetry import Metrics
@@ -82,6 +83,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.mount(web.SWAGGER, web.swagger_files(), name="swagger")
     app.mount("/static", web.static_files(), name="static")
     install_error_handlers(app, settings.retry_after_s)
+    app.add_middleware(EarlyRefusalMiddleware, paths=inference.PREDICTION_PATHS, check=gw.check_arrival)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key, metrics_public=settings.metrics_public)

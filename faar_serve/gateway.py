@@ -93,6 +93,11 @@ class Gateway:
             raise EngineUnavailable(f"model {self.settings.model!r} is not known yet: {self.engine.detail}")
         return spec
 
+    def check_arrival(self, arrived: float) -> None:
+        """A prediction that arrived at ``arrived`` (``time.monotonic()``) and could not make its deadline
+        even with one image is refused now, from its headers (``middleware.EarlyRefusalMiddleware``)."""
+        self.admission.check_arrival(arrived + self.settings.request_timeout_s)
+
     def tasks(self, names: str | None) -> list[str]:
         """The ``tasks`` parameter -> task names; absent: all; present but naming none: 422."""
         if names is not None and not any(n.strip() for n in names.split(",")):

@@ -254,6 +254,36 @@ def test_requests_that_cannot_meet_their_deadline_are_refused_at_once(repo: Path
     assert runs(app) <= 1 + len(ok) + 1  # nothing was computed for the refused
 
 
+def test_under_overload_refusals_do_not_parse_the_body(repo: Path, live_server: ServeApp) -> None:
+    # One slowed run (2 s) in the engine and a 1 s deadline: the next request cannot make it, so it
+    # is refused from its headers. A client that asks ``Expect: 100-continue`` gets the 503 without
+    # sending its body (no ``100 Continue`` first); any other gets it once its body is in, unparsed:
+    # junk that is no multipart form still gets the 503, not a 4xx about the form.
+    app = slowed(repo, 2.0, request_timeout_s=1.0)
+    server = live_server(app)
+    assert post(server.url, encode(image(7))).status_code == 200  # measures the engine: 2 s per image
+    keeper = threading.Thread(target=post, args=(server.url, encode(image(8))))
+    keeper.start()
+    time.sleep(0.3)
+    junk = b"x" * 300_000
+    try:
+        for expect, body in (("Expect: 100-continue\r\n", b""), ("", junk)):
+            with attacks.connect(HOST, server.port) as sock:
+                sock.sendall(attacks.request_head("/v1/predict", "POST", "Content-Type: multipart/form-data; "
+                                                  f"boundary=b\r\n{expect}", length=len(junk)) + b"\r\n" + body)
+                t0 = time.monotonic()
+                answer = attacks.read_answer(sock, 3)
+            assert attacks.status_of(answer) == 503 and time.monotonic() - t0 < 1, answer[:200]
+            assert b'"error":"deadline"' in answer and b"retry-after" in answer.lower()
+            assert b"100 Continue" not in answer
+    finally:
+        keeper.join(30)
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'faar_rejected_total{reason="deadline"} 2.0' in metrics
+    assert "faar_refusal_duration_seconds_count 2.0" in metrics
+    assert runs(app) == 2  # the refused were never computed
+
+
 def test_a_client_that_disconnects_cancels_its_queued_work(repo: Path, live_server: ServeApp) -> None:
     app = slowed(repo, 0.5)
     server = live_server(app)

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Query, Request, Security, UploadFile
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 
 from .. import codec
 from ..auth import bearer
@@ -118,3 +119,7 @@ async def model(gw: GatewayDep) -> JSONResponse:
     if gw.settings.expose_manifest:
         body["manifest"] = manifest.model_dump(mode="json")  # as the file has it, nulls included
     return JSONResponse(body)
+
+
+# The routes ``middleware.EarlyRefusalMiddleware`` may refuse from their headers.
+PREDICTION_PATHS = frozenset(r.path for r in router.routes if isinstance(r, APIRoute) and "POST" in r.methods)
