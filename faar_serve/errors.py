@@ -33,7 +33,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         415: "not an image in a supported format",
         422: "truncated image, unknown or empty task list, repeated field or parameter",
         502: "the engine returned an error",
-        503: "overloaded, deadline cannot be met, or engine unavailable (see Retry-After)",
+        503: "overloaded, deadline cannot be met (deadline) or passed in the engine's queue (expired), or engine "
+             "unavailable (see Retry-After)",
     }.items()
 }
 
@@ -71,7 +72,8 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         return error_response(422, "invalid_request", _validation_detail(exc))
 
     async def unavailable(request: Request, exc: EngineUnavailable) -> JSONResponse:
-        code, detail = ("deadline", "the request's deadline passed before the engine could run it") \
+        # ``expired``, not ``deadline``: admitted as feasible, then the engine's queue outlasted it.
+        code, detail = ("expired", "the request's deadline passed while it waited for the inference engine") \
             if isinstance(exc, DeadlineExceeded) else ("engine_unavailable", "inference engine unavailable")
         request.app.state.gateway.metrics.rejected.labels(code).inc()
         log.warning("%s on %s: %s", code, request.url.path, exc)

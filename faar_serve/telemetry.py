@@ -45,7 +45,8 @@ class Metrics:
         self.inflight_bytes = Gauge("faar_inflight_bytes", "memory admitted for images in flight (the budget's "
                                     "use)", registry=self.registry, multiprocess_mode="livesum")
         self.rejected = Counter("faar_rejected_total", "requests refused by reason (overloaded, deadline, "
-                                "too_costly, engine_unavailable, client_gone)", ["reason"], registry=self.registry)
+                                "expired, too_costly, engine_unavailable, client_gone)", ["reason"],
+                                registry=self.registry)
         self.info_registry = CollectorRegistry()
         self.engine = Info("faar_engine", "what serves the model: engine, execution provider (ONNX Runtime's, "
                            "read at each scrape) or Triton's instance kind, model and version",

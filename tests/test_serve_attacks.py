@@ -254,6 +254,21 @@ def test_requests_that_cannot_meet_their_deadline_are_refused_at_once(repo: Path
     assert runs(app) <= 1 + len(ok) + 1  # nothing was computed for the refused
 
 
+def test_admitted_work_whose_deadline_passes_in_the_queue_is_503_expired(repo: Path, live_server: ServeApp) -> None:
+    # A fresh gateway has measured nothing, so it admits a second request behind a 1 s run; its
+    # 0.5 s deadline passes while it waits for the engine: dropped unrun, 503 ``expired``.
+    app = slowed(repo, 1.0, request_timeout_s=0.5)
+    server = live_server(app)
+    first = threading.Thread(target=post, args=(server.url, encode(image(11))))
+    first.start()
+    time.sleep(0.2)
+    r = post(server.url, encode(image(12)))
+    first.join(30)
+    assert r.status_code == 503 and r.json()["error"] == "expired", r.text
+    assert "retry-after" in r.headers and runs(app) == 1
+    assert 'faar_rejected_total{reason="expired"} 1.0' in httpx.get(server.url + "/metrics").text
+
+
 def test_under_overload_refusals_do_not_parse_the_body(repo: Path, live_server: ServeApp) -> None:
     # One slowed run (2 s) in the engine and a 1 s deadline: the next request cannot make it, so it
     # is refused from its headers. A client that asks ``Expect: 100-continue`` gets the 503 without
