@@ -9,7 +9,9 @@ with ``--engine triton`` against a real local Triton. Clients behave: a 503 is f
 a pause of its Retry-After (at most the deadline) before the next request. Reported:
 goodput (answers within the deadline per second), the engine's capacity measured in the
 same run (ONNX Runtime alone on the prepared image with the gateway's session settings;
-for Triton, direct gRPC calls at the same concurrency, no gateway) and the gateway's own
+for Triton, direct gRPC calls at the same concurrency, no gateway; the mean of a
+measurement before and one after the gateway's runs, both reported, since this VM drifts
+by tens of per cent within minutes) and the gateway's own
 throughput without a deadline (same clients, ``--request-timeout-s 600``), the ratios, the
 counts of answers, late answers, refusals by code and errors, the p50/p99 latency of
 answers and of refusals, and the gateway's peak RSS.
@@ -219,10 +221,14 @@ def overload(repo: Path, engine: str, triton: LocalTriton | None, args: argparse
     if engine == "triton":
         assert triton is not None
         flags += ["--engine", "triton", "--triton-url", f"127.0.0.1:{triton.grpc_port}"]
-        capacity = asyncio.run(triton_capacity(f"127.0.0.1:{triton.grpc_port}", repo, payload, args.concurrency,
+
+    def capacity() -> float:
+        if triton is not None:
+            return asyncio.run(triton_capacity(f"127.0.0.1:{triton.grpc_port}", repo, payload, args.concurrency,
                                                args.capacity_seconds))
-    else:
-        capacity = onnx_capacity(repo, payload, args.capacity_seconds)
+        return onnx_capacity(repo, payload, args.capacity_seconds)
+
+    before = capacity()
     patient = Gateway(repo, *flags, "--request-timeout-s", "600")  # no deadline: the gateway's capacity
     try:
         asyncio.run(closed_loop(patient.url, 2, min(5.0, args.seconds), payload, 60, {}))  # warm-up
@@ -240,9 +246,13 @@ def overload(repo: Path, engine: str, triton: LocalTriton | None, args: argparse
         result["server_refusals"] = server_refusals(gateway.url)
     finally:
         gateway.close()
+    # Measured before and after the gateway's runs: how far this machine drifted meanwhile.
+    after = capacity()
+    engine_rate = (before + after) / 2
     gateway_capacity = served["answers"] / served["seconds"]
-    return {"engine": engine, "capacity_images_per_s": capacity, "gateway_capacity_rps": round(gateway_capacity, 3),
-            "goodput_share": round(result["goodput_rps"] / capacity, 3),
+    return {"engine": engine, "capacity_images_per_s": round(engine_rate, 3),
+            "capacity_before_after": [before, after], "gateway_capacity_rps": round(gateway_capacity, 3),
+            "goodput_share": round(result["goodput_rps"] / engine_rate, 3),
             "goodput_share_of_gateway": round(result["goodput_rps"] / gateway_capacity, 3), **result}
 
 
@@ -296,11 +306,12 @@ def print_tables(result: dict[str, Any]) -> None:
     s = result["setup"]
     print(f"{s['config']}: concurrency {s['concurrency']}, {s['seconds']} s, deadline {s['deadline_s']} s")
     print(markdown_table(
-        ["engine", "engine img/s", "gateway req/s (no deadline)", "goodput req/s", "x engine", "x gateway",
-         "answers", "late", "refusals", "errors",
+        ["engine", "engine img/s (before / after)", "gateway req/s (no deadline)", "goodput req/s", "x engine",
+         "x gateway", "answers", "late", "refusals", "errors",
          "answer p50/p99 ms", "refusal p50/p99 ms", "refusals in gateway: < 100 ms, p99 <=",
          "gateway peak RSS MiB"],
-        [[r["engine"], r["capacity_images_per_s"], r["gateway_capacity_rps"], r["goodput_rps"], r["goodput_share"],
+        [[r["engine"], "{} ({} / {})".format(r["capacity_images_per_s"], *r["capacity_before_after"]),
+          r["gateway_capacity_rps"], r["goodput_rps"], r["goodput_share"],
           r["goodput_share_of_gateway"], r["answers"], r["late"],
           ", ".join(f"{k}: {v}" for k, v in r["refusals"].items()) or "-", sum(r["errors"].values()),
           f"{r['answer_ms']['p50']} / {r['answer_ms']['p99']}", f"{r['refusal_ms']['p50']} / {r['refusal_ms']['p99']}",

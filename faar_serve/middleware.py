@@ -69,10 +69,14 @@ class EarlyRefusalMiddleware:
                     headers["Connection"] = "close"  # the unsent body must not be read as the next request
                 else:
                     try:
-                        while (await receive()).get("more_body", False):
-                            pass
+                        message = await receive()
+                        while message["type"] == "http.request" and message.get("more_body", False):
+                            message = await receive()
                     except ApiError as exc:  # the body broke its limit or timeout meanwhile
                         refusal, headers = exc, dict(exc.headers or {})
+                    else:
+                        if message["type"] == "http.disconnect":  # gone: nobody to answer
+                            return
                 answer = error_response(refusal.status_code, refusal.code, refusal.detail, headers)
                 await answer(scope, receive, send)
                 return
