@@ -250,7 +250,9 @@ def test_requests_that_cannot_meet_their_deadline_are_refused_at_once(repo: Path
     assert len(ok) + len(refused) == 16 and 2 <= len(ok) <= 8, answers
     assert all(e == "deadline" for _, e in refused)
     assert max(ok) < 1.0 + 0.5  # what was admitted answered about in time
-    assert sorted(s for s, _ in refused)[len(refused) // 2] < 0.5  # refusals come at once, not after waiting
+    # Refusals come at once (about 60 ms here alone, 150 ms with both cores busy; once 0.59 s in
+    # the full suite), not after waiting: queued, they would end at the 1 s deadline or later.
+    assert sorted(s for s, _ in refused)[len(refused) // 2] < 0.8
     assert runs(app) <= 1 + len(ok) + 1  # nothing was computed for the refused
 
 
