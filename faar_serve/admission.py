@@ -3,9 +3,8 @@
 A request is admitted once, for all its images, after its body is read and each image's
 header is probed (``cost``) and before anything is decoded. Before that, from its headers
 alone, it is refused when not even one image could be served in time (steps 2-3 for one
-image, ``check_arrival``): under overload most refusals then cost no body read, multipart
-parse or thread hop, and are answered in the time it takes to read the headers
-(bench/RESULTS.md, overload). In this order:
+image, ``check_arrival``): under overload most refusals then cost no multipart parse, image
+header read or thread hop (bench/RESULTS.md, overload). In this order:
 
 1. **Too costly for this gateway**: an image whose peak memory (``cost.image_cost``) is over
    the whole budget could never be admitted: 413 ``too_costly``, with the budget in the text.
@@ -178,7 +177,7 @@ class Admission:
 
     def check_arrival(self, deadline: float) -> None:
         """Steps 2-3 for the smallest request (one image) from its headers alone: when not even that
-        could be served in time, the refusal needs no byte of the body (``middleware.EarlyRefusal``).
+        could be served in time, the refusal needs no byte of the body parsed (``middleware.EarlyRefusalMiddleware``).
         Checked again with the real images once the body is in."""
         self._in_time(1, deadline)
 

@@ -32,7 +32,8 @@ class Metrics:
         self.latency = Histogram("faar_request_duration_seconds", "HTTP request latency by route",
                                  ["route", "method"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.refusal_latency = Histogram("faar_refusal_duration_seconds", "time to answer a 503 (overloaded, "
-                                         "deadline, engine unavailable): how fast a client learns to retry",
+                                         "deadline, expired, engine unavailable): how fast a client learns to "
+                                         "retry",
                                          buckets=LATENCY_BUCKETS, registry=self.registry)
         self.stages = Histogram("faar_stage_duration_seconds", "time per image in each stage "
                                 "(decode, resize, queue, inference, encode)", ["stage"], buckets=LATENCY_BUCKETS,
