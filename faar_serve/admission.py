@@ -177,8 +177,8 @@ class Admission:
 
     def check_arrival(self, deadline: float) -> None:
         """Steps 2-3 for the smallest request (one image) from its headers alone: when not even that
-        could be served in time, the refusal needs no byte of the body parsed (``middleware.EarlyRefusalMiddleware``).
-        Checked again with the real images once the body is in."""
+        could be served in time, the refusal needs no byte of the body parsed
+        (``middleware.EarlyRefusalMiddleware``). Checked again with the real images once the body is in."""
         self._in_time(1, deadline)
 
     def _in_time(self, images: int, deadline: float) -> float:
